@@ -1,0 +1,228 @@
+"""The single-pass pruning step in Triton (contract: sparse_ops/ops.py, reference:
+sparse_ops/reference.py fused_prune_step_ref).
+
+One read of weight, grad (and scores) and one write of grad, mask (and scores, and weight when it
+is masked) per element. In that pass: the mask from the entry keys (|w| or scores, per element,
+per block or 2:4) against the selected threshold with index tie-break; the first-order movement
+update of the scores from the raw gradient; the masked gradient plus the scaled prior gradient;
+and the level-0 radix histogram of the updated keys for the next selection.
+Numerics: float32 arithmetic; block keys summed in float64 and rounded once to float32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_ops.prior import mgp_constants
+from sparse_ops.reference import RADIX_BINS
+
+from ._numerics import round_to
+from .kthvalue import INF_BITS, SLOTS, order_key
+from .mgp_prior_grad import prior_grad
+
+ELEMENT_BLOCK = 1024
+GROUPS_24 = 256  # groups of 4 per program for 2:4
+
+
+@triton.jit
+def _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
+            HAS_SCORES: tl.constexpr, UPDATE_SCORES: tl.constexpr, ADD_PRIOR: tl.constexpr,
+            MASK_GRAD: tl.constexpr, MASK_WEIGHT: tl.constexpr):
+    """New (grad, scores, weight) values, in float32 / storage dtypes as noted."""
+    w = w_raw.to(tl.float32)
+    g = g_raw.to(tl.float32)
+    s_new = s_raw
+    if UPDATE_SCORES:
+        s_new = round_to(s_raw.to(tl.float32) - score_lr * g * w, s_raw.dtype)
+    g_new = g
+    if MASK_GRAD:
+        g_new = tl.where(keep, g, 0.0)
+    if ADD_PRIOR:
+        g_new = g_new + prior_scale * prior_grad(w, c1, c2, inv0, inv1)
+    w_new = w_raw
+    if MASK_WEIGHT:
+        w_new = tl.where(keep, w_raw, 0.0).to(w_raw.dtype)
+    return g_new, s_new, w_new
+
+
+@triton.jit
+def _store_histogram(hist_ptr, keys_raw, valid, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr,
+                     SLOTS: tl.constexpr, NUMEL: tl.constexpr):
+    """Add the level-0 digit histogram of the NUMEL float keys (NaN to slot 256) to hist_ptr."""
+    if KEY_BITS == 16:
+        raw = keys_raw.to(tl.int16, bitcast=True)
+    else:
+        raw = keys_raw.to(tl.int32, bitcast=True)
+    key, is_nan = order_key(raw, KEY_BITS, INF_BITS, False)
+    slot = tl.where(is_nan, 256, (key >> (KEY_BITS - 8)) & 255)
+    slot = tl.where(valid, slot, 257)
+    counts = tl.histogram(tl.reshape(slot, [NUMEL]).to(tl.int32), SLOTS)
+    tl.atomic_add(hist_ptr + tl.arange(0, SLOTS), counts.to(tl.int64))
+
+
+@triton.jit
+def _keep(key, threshold, index, tie_cut, STRICT: tl.constexpr):
+    keep = key > threshold
+    if not STRICT:
+        keep = keep | ((key == threshold) & (index >= tie_cut))
+    return keep
+
+
+@triton.jit
+def _fused_prune_step_kernel(
+        w_ptr, g_ptr, s_ptr, m_ptr, hist_ptr, n, threshold, tie_cut, index_offset,
+        prior_scale, c1, c2, inv0, inv1, score_lr,
+        KEY_FROM_SCORES: tl.constexpr, STRICT: tl.constexpr, HAS_SCORES: tl.constexpr,
+        UPDATE_SCORES: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr,
+        MASK_WEIGHT: tl.constexpr, EMIT_HIST: tl.constexpr, KEY_BITS: tl.constexpr,
+        INF_BITS: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Element granularity: flat BLOCK elements per program."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    w_raw = tl.load(w_ptr + offs, mask=inside, other=0.0)
+    g_raw = tl.load(g_ptr + offs, mask=inside, other=0.0)
+    s_raw = w_raw
+    if HAS_SCORES:
+        s_raw = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    if KEY_FROM_SCORES:
+        key = s_raw.to(tl.float32)
+    else:
+        key = tl.abs(w_raw).to(tl.float32)
+    keep = _keep(key, threshold, index_offset + offs, tie_cut, STRICT)
+    g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
+                                  HAS_SCORES, UPDATE_SCORES, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
+    tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
+    tl.store(m_ptr + offs, keep, mask=inside)
+    if UPDATE_SCORES:
+        tl.store(s_ptr + offs, s_new, mask=inside)
+    if MASK_WEIGHT:
+        tl.store(w_ptr + offs, w_new, mask=inside)
+    if EMIT_HIST:
+        _store_histogram(hist_ptr, s_new, inside, KEY_BITS, INF_BITS, SLOTS, BLOCK)
+
+
+@triton.jit
+def _fused_prune_step_block_kernel(
+        w_ptr, g_ptr, s_ptr, m_ptr, hist_ptr, rows, cols, block_rows, block_cols, blocks_per_row,
+        threshold, tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr,
+        KEY_FROM_SCORES: tl.constexpr, STRICT: tl.constexpr, HAS_SCORES: tl.constexpr,
+        UPDATE_SCORES: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr,
+        MASK_WEIGHT: tl.constexpr, EMIT_HIST: tl.constexpr, SLOTS: tl.constexpr,
+        TILE_R: tl.constexpr, TILE_C: tl.constexpr):
+    """Block granularity: one (block_rows × block_cols) block per program, padded to a pow2 tile."""
+    block = tl.program_id(0).to(tl.int64)
+    br, bc = block // blocks_per_row, block % blocks_per_row
+    r = br * block_rows + tl.arange(0, TILE_R)
+    c = bc * block_cols + tl.arange(0, TILE_C)
+    r_ok = (r < rows) & (tl.arange(0, TILE_R) < block_rows)
+    c_ok = (c < cols) & (tl.arange(0, TILE_C) < block_cols)
+    inside = r_ok[:, None] & c_ok[None, :]
+    offs = r[:, None] * cols + c[None, :]
+    w_raw = tl.load(w_ptr + offs, mask=inside, other=0.0)
+    g_raw = tl.load(g_ptr + offs, mask=inside, other=0.0)
+    s_raw = w_raw
+    if HAS_SCORES:
+        s_raw = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    if KEY_FROM_SCORES:
+        key = tl.sum(tl.sum(s_raw.to(tl.float64), axis=1), axis=0).to(tl.float32)
+    else:
+        w64 = w_raw.to(tl.float64)
+        key = tl.sum(tl.sum(w64 * w64, axis=1), axis=0).to(tl.float32)
+    keep_block = _keep(key, threshold, index_offset + block, tie_cut, STRICT)
+    keep = tl.where(keep_block, inside, tl.zeros_like(inside))
+    g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
+                                  HAS_SCORES, UPDATE_SCORES, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
+    tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
+    tl.store(m_ptr + offs, keep, mask=inside)
+    if UPDATE_SCORES:
+        tl.store(s_ptr + offs, s_new, mask=inside)
+    if MASK_WEIGHT:
+        tl.store(w_ptr + offs, w_new, mask=inside)
+    if EMIT_HIST:
+        next_key = tl.sum(tl.sum(s_new.to(tl.float64), axis=1), axis=0).to(tl.float32)
+        first = tl.arange(0, 2) == 0  # the block's one key, as a 2-lane vector for the histogram
+        _store_histogram(hist_ptr, tl.where(first, next_key, 0.0), first, 32, 0x7F800000, SLOTS, 2)
+
+
+@triton.jit
+def _fused_prune_step_24_kernel(
+        w_ptr, g_ptr, s_ptr, m_ptr, hist_ptr, groups, prior_scale, c1, c2, inv0, inv1, score_lr,
+        KEY_FROM_SCORES: tl.constexpr, HAS_SCORES: tl.constexpr, UPDATE_SCORES: tl.constexpr,
+        ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_WEIGHT: tl.constexpr,
+        EMIT_HIST: tl.constexpr, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, SLOTS: tl.constexpr,
+        GROUPS: tl.constexpr):
+    """2:4: keep the 2 largest keys of each 4 consecutive elements (lower index pruned on ties)."""
+    g_idx = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+    lane = tl.arange(0, 4)
+    offs = g_idx[:, None] * 4 + lane[None, :]
+    inside = (g_idx < groups)[:, None] & (lane < 4)[None, :]
+    w_raw = tl.load(w_ptr + offs, mask=inside, other=0.0)
+    g_raw = tl.load(g_ptr + offs, mask=inside, other=0.0)
+    s_raw = w_raw
+    if HAS_SCORES:
+        s_raw = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    if KEY_FROM_SCORES:
+        key = s_raw.to(tl.float32)
+    else:
+        key = tl.abs(w_raw).to(tl.float32)
+    mine = key[:, :, None]    # [G, j, 1]
+    other = key[:, None, :]   # [G, 1, i]
+    earlier = lane[None, None, :] < lane[None, :, None]
+    before = (other < mine) | ((other == mine) & earlier)
+    keep = tl.sum(before.to(tl.int32), axis=2) >= 2
+    g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
+                                  HAS_SCORES, UPDATE_SCORES, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
+    tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
+    tl.store(m_ptr + offs, keep, mask=inside)
+    if UPDATE_SCORES:
+        tl.store(s_ptr + offs, s_new, mask=inside)
+    if MASK_WEIGHT:
+        tl.store(w_ptr + offs, w_new, mask=inside)
+    if EMIT_HIST:
+        _store_histogram(hist_ptr, s_new, inside, KEY_BITS, INF_BITS, SLOTS, GROUPS * 4)
+
+
+def _threshold_as(value: float, dtype: torch.dtype) -> float:
+    """The threshold as the key dtype holds it (keys are compared in their own precision)."""
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+def fused_prune_step_triton(weight, grad, scores, mask, histogram, *, method, granularity="element",
+                            block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
+                            prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
+                            mask_grad=True, mask_weight=False) -> None:
+    """Launch the kernel for `granularity` on contiguous tensors (arguments checked by the op)."""
+    movement = method in ("movement", "soft_movement")
+    key_dtype = (scores.dtype if movement else weight.dtype) if granularity != "block" else torch.float32
+    c1, c2, inv0, inv1 = mgp_constants(lam, var0, var1) if prior_scale != 0.0 else (0.0, 0.0, 0.0, 0.0)
+    hist = torch.zeros(SLOTS, dtype=torch.int64, device=weight.device) if histogram is not None else None
+    flags = dict(KEY_FROM_SCORES=movement, HAS_SCORES=scores is not None,
+                 UPDATE_SCORES=scores is not None and score_lr != 0.0, ADD_PRIOR=prior_scale != 0.0,
+                 MASK_GRAD=mask_grad, MASK_WEIGHT=mask_weight, EMIT_HIST=histogram is not None, SLOTS=SLOTS)
+    s_arg = scores if scores is not None else weight
+    if granularity == "element":
+        n = weight.numel()
+        hist_dtype = scores.dtype if scores is not None else torch.float32
+        _fused_prune_step_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
+            weight, grad, s_arg, mask, hist, n, _threshold_as(threshold, key_dtype), tie_cut, index_offset,
+            prior_scale, c1, c2, inv0, inv1, score_lr, STRICT=method == "soft_movement",
+            KEY_BITS=16 if hist_dtype.itemsize == 2 else 32, INF_BITS=INF_BITS.get(hist_dtype, 0),
+            BLOCK=ELEMENT_BLOCK, **flags)
+    elif granularity == "block":
+        rows, cols = weight.shape
+        blocks_per_row = triton.cdiv(cols, block_cols)
+        grid = (triton.cdiv(rows, block_rows) * blocks_per_row,)
+        _fused_prune_step_block_kernel[grid](
+            weight, grad, s_arg, mask, hist, rows, cols, block_rows, block_cols, blocks_per_row,
+            _threshold_as(threshold, key_dtype), tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr,
+            STRICT=method == "soft_movement", TILE_R=triton.next_power_of_2(block_rows),
+            TILE_C=triton.next_power_of_2(block_cols), **flags)
+    else:
+        groups = weight.numel() // 4
+        hist_dtype = scores.dtype if scores is not None else torch.float32
+        _fused_prune_step_24_kernel[(triton.cdiv(groups, GROUPS_24),)](
+            weight, grad, s_arg, mask, hist, groups, prior_scale, c1, c2, inv0, inv1, score_lr,
+            KEY_BITS=16 if hist_dtype.itemsize == 2 else 32, INF_BITS=INF_BITS.get(hist_dtype, 0),
+            GROUPS=GROUPS_24, **flags)
+    if histogram is not None:
+        histogram += hist[: RADIX_BINS + 1]

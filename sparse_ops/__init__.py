@@ -1,0 +1,16 @@
+"""sparse_ops: fused pruning ops for training and sparse kernels for inference.
+
+Importing the package registers torch.ops.sparse_ops.* (schemas and fakes in sparse_ops.ops) and
+loads the compiled extension sparse_ops._C when it was built.
+"""
+
+from . import ops as _ops  # noqa: F401  (defines the ops before the extension implements them)
+from ._extension import extension_error, load_extension
+from .prior import mgp_constants, mgp_threshold
+from .select import Selection, Threshold, prune_threshold, radix_select
+
+load_extension()
+
+__version__ = "0.1.0"
+__all__ = ["Selection", "Threshold", "extension_error", "mgp_constants", "mgp_threshold", "prune_threshold",
+           "radix_select"]

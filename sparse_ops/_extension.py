@@ -1,0 +1,41 @@
+"""Loads the compiled extension sparse_ops._C if it was built; never fails at import."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import warnings
+
+import torch
+
+_state = {"loaded": False, "error": None}
+
+
+def load_extension() -> bool:
+    """Load sparse_ops/_C*.so (it registers C++/CUDA kernels with the dispatcher). Warn once if absent."""
+    if _state["loaded"] or _state["error"] is not None:
+        return _state["loaded"]
+    here = os.path.dirname(__file__)
+    libs = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
+    try:
+        if not libs:
+            raise ImportError("sparse_ops._C was not built")
+        torch.ops.load_library(libs[0])
+        _state["loaded"] = True
+    except (ImportError, OSError, RuntimeError) as exc:
+        _state["error"] = str(exc)
+        if os.environ.get("SPARSE_OPS_QUIET") != "1":
+            warnings.warn(f"sparse_ops: compiled kernels unavailable ({exc}); using the PyTorch reference on CPU",
+                          RuntimeWarning, stacklevel=2)
+    has_cpu_kernel.cache_clear()
+    return _state["loaded"]
+
+
+def extension_error() -> str | None:
+    return _state["error"]
+
+
+@functools.lru_cache(maxsize=None)
+def has_cpu_kernel(qualname: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")

@@ -1,0 +1,182 @@
+"""Every op's schema, fake, input checks and per-device implementation, in one place.
+
+Dispatch, per op (inputs are checked here first, whatever the backend):
+  CUDA  -> the Triton launcher in sparse_ops.kernels (float64 falls back to the reference)
+  CPU   -> the C++ kernel of sparse_ops._C when it was built: it implements the private op
+           `<op>_cpu` (same schema, defined below) for the CPU key; else the reference
+  Meta  -> the fake (shape/dtype only), so every op traces under torch.compile.
+
+Schemas (see README "Ops" for the full contract):
+  mgp_prior_grad(Tensor w, float lam, float var0, float var1, float scale=1.) -> Tensor
+  radix_histogram(Tensor[] xs, Tensor state, int level, bool absolute) -> Tensor   (int64[257])
+  kthvalue(Tensor x, int k) -> Tensor                                              (0-dim)
+  kthvalue_multi(Tensor[] xs, int k, bool absolute=False) -> Tensor                (0-dim)
+  fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask,
+                   Tensor(e!)? histogram, *, str method, ...) -> ()
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, reference
+from ._extension import has_cpu_kernel
+from .prior import check_prior_args
+
+LIB = "sparse_ops"
+_lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defined once, here
+
+_FUSED_SCHEMA = (
+    "fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask, "
+    "Tensor(e!)? histogram, *, str method, str granularity='element', int block_rows=1, "
+    "int block_cols=1, float threshold=0., int tie_cut=0, int index_offset=0, float prior_scale=0., "
+    "float lam=0.1, float var0=1e-10, float var1=0.05, float score_lr=0., bool mask_grad=True, "
+    "bool mask_weight=False) -> ()"
+)
+_lib.define("mgp_prior_grad(Tensor w, float lam, float var0, float var1, float scale=1.) -> Tensor")
+_lib.define("radix_histogram(Tensor[] xs, Tensor state, int level, bool absolute) -> Tensor")
+_lib.define("kthvalue(Tensor x, int k) -> Tensor")
+_lib.define("kthvalue_multi(Tensor[] xs, int k, bool absolute=False) -> Tensor")
+_lib.define(_FUSED_SCHEMA)
+# Private twins that csrc/ implements for the CPU key (TORCH_LIBRARY_IMPL(sparse_ops, CPU, m)).
+CPP_OPS = ("mgp_prior_grad", "radix_histogram", "fused_prune_step")
+for _op in CPP_OPS:
+    _schema = str(getattr(torch.ops.sparse_ops, _op).default._schema)
+    _lib.define(_schema.replace(f"{LIB}::{_op}(", f"{_op}_cpu(", 1))
+
+
+def _triton_kernels():
+    from . import kernels  # imported lazily: Triton is only needed on CUDA
+
+    return kernels
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and t.dtype != torch.float64
+
+
+def _use_cpp(op: str, t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and has_cpu_kernel(f"{LIB}::{op}_cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# mgp_prior_grad
+# ---------------------------------------------------------------------------------------------
+def _check_mgp(w, lam, var0, var1, scale):
+    _checks.check_float_tensor("w", w)
+    check_prior_args(lam, var0, var1)
+    _checks.check_finite_scalar("scale", scale)
+
+
+@torch.library.register_fake(f"{LIB}::mgp_prior_grad")
+def _mgp_prior_grad_fake(w, lam, var0, var1, scale=1.0):
+    _check_mgp(w, lam, var0, var1, scale)
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+def _mgp_prior_grad_impl(w, lam, var0, var1, scale=1.0):
+    _check_mgp(w, lam, var0, var1, scale)
+    if _use_triton(w):
+        return _triton_kernels().mgp_prior_grad.mgp_prior_grad_triton(w, lam, var0, var1, scale)
+    if _use_cpp("mgp_prior_grad", w):
+        return torch.ops.sparse_ops.mgp_prior_grad_cpu(w, lam, var0, var1, scale)
+    return reference.mgp_prior_grad_ref(w, lam, var0, var1, scale).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# radix_histogram (internal building block of kthvalue and of global thresholds)
+# ---------------------------------------------------------------------------------------------
+def _check_histogram(xs, state, level):
+    _checks.check_tensor_list("xs", xs)
+    if state.dtype != torch.int64 or state.numel() != 2:
+        raise ValueError(f"state must be an int64 tensor of 2 elements, got {state.dtype} {tuple(state.shape)}")
+    if state.device != xs[0].device:
+        raise ValueError(f"state must be on {xs[0].device} like xs, got {state.device}")
+    levels = reference.KEY_BITS[xs[0].dtype] // reference.RADIX_BITS
+    if not 0 <= level < levels:
+        raise ValueError(f"level must lie in [0, {levels}) for {xs[0].dtype}, got {level}")
+
+
+@torch.library.register_fake(f"{LIB}::radix_histogram")
+def _radix_histogram_fake(xs, state, level, absolute):
+    _check_histogram(xs, state, level)
+    return state.new_empty(reference.RADIX_BINS + 1)
+
+
+def _radix_histogram_impl(xs, state, level, absolute):
+    _check_histogram(xs, state, level)
+    if _use_triton(xs[0]):
+        return _triton_kernels().kthvalue.radix_histogram_triton(xs, state, level, absolute)
+    if _use_cpp("radix_histogram", xs[0]):
+        return torch.ops.sparse_ops.radix_histogram_cpu(xs, state, level, absolute)
+    return reference.radix_histogram_ref(xs, state, level, absolute)
+
+
+# ---------------------------------------------------------------------------------------------
+# kthvalue / kthvalue_multi (composite: radix select over radix_histogram)
+# ---------------------------------------------------------------------------------------------
+@torch.library.register_fake(f"{LIB}::kthvalue")
+def _kthvalue_fake(x, k):
+    _checks.check_kth(x.numel(), k, "x")
+    return x.new_empty(())
+
+
+@torch.library.register_fake(f"{LIB}::kthvalue_multi")
+def _kthvalue_multi_fake(xs, k, absolute=False):
+    _checks.check_tensor_list("xs", xs)
+    _checks.check_kth(sum(x.numel() for x in xs), k, "xs")
+    return xs[0].new_empty(())
+
+
+def _kthvalue_impl(x, k):
+    from .select import radix_select
+
+    _checks.check_float_tensor("x", x)
+    return radix_select([x], k, absolute=False, name="x").value
+
+
+def _kthvalue_multi_impl(xs, k, absolute=False):
+    from .select import radix_select
+
+    return radix_select(list(xs), k, absolute=absolute).value
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_prune_step
+# ---------------------------------------------------------------------------------------------
+@torch.library.register_fake(f"{LIB}::fused_prune_step")
+def _fused_prune_step_fake(weight, grad, scores, mask, histogram, **kwargs):
+    _checks.check_fused_args(weight, grad, scores, mask, histogram, **kwargs)
+
+
+def _fused_prune_step_impl(weight, grad, scores, mask, histogram, **kwargs):
+    _checks.check_fused_args(weight, grad, scores, mask, histogram, **kwargs)
+    if _use_triton(weight) and (scores is None or scores.dtype != torch.float64):
+        kernel = _triton_kernels().fused_prune_step.fused_prune_step_triton
+    elif _use_cpp("fused_prune_step", weight):
+        kernel = torch.ops.sparse_ops.fused_prune_step_cpu
+    else:
+        kernel = reference.fused_prune_step_ref
+    # kernels stream flat memory: run them on contiguous copies and write the results back
+    tensors = (weight, grad, scores, mask)
+    work = [t if t is None or t.is_contiguous() else t.contiguous() for t in tensors]
+    kernel(*work, histogram, **kwargs)
+    for t, w in zip(tensors, work):
+        if w is not t:
+            t.copy_(w)
+
+
+# One implementation for every backend; it checks the inputs and picks the kernel by device.
+for _name, _fn in (
+    ("mgp_prior_grad", _mgp_prior_grad_impl),
+    ("radix_histogram", _radix_histogram_impl),
+    ("kthvalue", _kthvalue_impl),
+    ("kthvalue_multi", _kthvalue_multi_impl),
+    ("fused_prune_step", _fused_prune_step_impl),
+):
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+def cpu_backend(op: str) -> str:
+    """'cpp' when sparse_ops._C implements `op` on CPU, else 'reference'."""
+    return "cpp" if has_cpu_kernel(f"{LIB}::{op}_cpu") else "reference"

@@ -1,0 +1,180 @@
+"""Plain-PyTorch references of every op: the CPU fallback, the test oracle and the benchmark baseline.
+
+They are written for clarity, not speed, and share no code with the Triton or C++ kernels.
+Numerics: everything is computed in float32 (float64 for float64 inputs) and stored back in the
+input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .prior import mgp_constants
+
+METHODS = ("magnitude", "mgpp", "movement", "soft_movement")
+GRANULARITIES = ("element", "block", "2:4")
+RADIX_BITS = 8
+RADIX_BINS = 1 << RADIX_BITS
+NAN_BIN = RADIX_BINS  # histogram slot counting NaN (level 0 only)
+KEY_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+_INT_VIEW = {16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.1 prior gradient
+# ---------------------------------------------------------------------------------------------
+def mgp_prior_grad_ref(w: torch.Tensor, lam: float, var0: float, var1: float, scale: float = 1.0) -> torch.Tensor:
+    """scale · θ·(p0/v0 + (1−p0)/v1), p0 = sigmoid(−(c2θ² + c1)); fp32 math, returned in w.dtype."""
+    c1, c2, inv0, inv1 = mgp_constants(lam, var0, var1)
+    theta = w.to(compute_dtype(w.dtype))
+    p0 = torch.sigmoid(-(c2 * theta * theta + c1))
+    return (scale * theta * (p0 * inv0 + (1.0 - p0) * inv1)).to(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.5 order keys and selection
+# ---------------------------------------------------------------------------------------------
+def kthvalue_ref(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.kthvalue(x.flatten(), k).values
+
+
+def order_keys(x: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+    """Map floats to int64 keys whose unsigned order is the float order (−0 and +0 map alike).
+
+    For 16/32-bit floats the keys are non-negative; for float64 they are the 64-bit unsigned key
+    reinterpreted as int64 (so compare digits, not signed values).
+    """
+    bits = KEY_BITS[x.dtype]
+    if absolute:
+        x = x.abs()
+    x = torch.where(x == 0, torch.zeros_like(x), x)  # canonical +0
+    u = x.contiguous().view(_INT_VIEW[bits]).to(torch.int64)
+    if bits < 64:
+        u = u & ((1 << bits) - 1)
+        sign = 1 << (bits - 1)
+        return torch.where(u & sign != 0, (~u) & ((1 << bits) - 1), u | sign)
+    sign = torch.tensor(-(1 << 63), dtype=torch.int64)
+    return torch.where(u < 0, ~u, u ^ sign)
+
+
+def key_to_value(key: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of order_keys (signed form) for one key: a 0-dim tensor of `dtype`."""
+    bits = KEY_BITS[dtype]
+    sign = 1 << (bits - 1)
+    raw = key ^ sign if key & sign else (~key) & ((1 << bits) - 1)
+    if raw >= sign:  # back to the signed integer the view expects
+        raw -= 1 << bits
+    return torch.tensor(raw, dtype=_INT_VIEW[bits]).view(dtype)
+
+
+def radix_histogram_ref(xs: list[torch.Tensor], state: torch.Tensor, level: int, absolute: bool) -> torch.Tensor:
+    """Histogram of the 8-bit digit `level` (0 = most significant) of the order keys of all `xs`,
+    counting only keys whose higher digits equal state[0]. Slot 256 counts NaN (level 0 only)."""
+    bits = KEY_BITS[xs[0].dtype]
+    shift = bits - RADIX_BITS * (level + 1)
+    hist = torch.zeros(RADIX_BINS + 1, dtype=torch.int64, device=state.device)
+    prefix = int(state[0])
+    for x in xs:
+        flat = x.flatten()
+        keys = order_keys(flat, absolute)
+        digits = (keys >> shift) & (RADIX_BINS - 1)
+        keep = ~torch.isnan(flat)
+        if level > 0:
+            high = keys >> (shift + RADIX_BITS)
+            if bits == 64:
+                high = high & ((1 << (64 - shift - RADIX_BITS)) - 1)
+            keep &= high == prefix
+        hist[:RADIX_BINS] += torch.bincount(digits[keep], minlength=RADIX_BINS).to(hist.device)
+        if level == 0:
+            hist[NAN_BIN] += int(torch.isnan(flat).sum())
+    return hist
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.3/3.4 keys, masks and the fused step
+# ---------------------------------------------------------------------------------------------
+def block_keys_ref(t: torch.Tensor, block_rows: int, block_cols: int, squared: bool) -> torch.Tensor:
+    """One key per (block_rows × block_cols) block of a 2-D tensor (edge blocks are partial).
+
+    squared=True: Σ t² (the squared L2 norm, ordered like the norm); False: Σ t. Summed in float64
+    and rounded once to float32, so every implementation produces the same bits.
+    """
+    rows, cols = t.shape
+    nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
+    padded = torch.zeros(nbr * block_rows, nbc * block_cols, dtype=torch.float64, device=t.device)
+    padded[:rows, :cols] = t.to(torch.float64)
+    if squared:
+        padded = padded * padded
+    return padded.view(nbr, block_rows, nbc, block_cols).sum(dim=(1, 3)).to(torch.float32)
+
+
+def expand_block_mask(block_mask: torch.Tensor, shape: tuple[int, int], block_rows: int, block_cols: int) -> torch.Tensor:
+    full = block_mask.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
+    return full[: shape[0], : shape[1]]
+
+
+def threshold_keep(keys: torch.Tensor, threshold: float, tie_cut: int, index_offset: int, strict: bool) -> torch.Tensor:
+    """Keep key > threshold; a key equal to it is kept iff its global flat index ≥ tie_cut
+    (never when strict). Global index = index_offset + position in keys.flatten()."""
+    flat = keys.flatten()
+    thr = torch.tensor(threshold, dtype=flat.dtype, device=flat.device)
+    keep = flat > thr
+    if not strict:
+        index = index_offset + torch.arange(flat.numel(), device=flat.device)
+        keep |= (flat == thr) & (index >= tie_cut)
+    return keep.view(keys.shape)
+
+
+def two_four_keep(keys: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest keys of every 4 consecutive along the last dim; among equal keys the
+    lower index is pruned first."""
+    groups = keys.reshape(-1, 4)
+    # rank r = number of group members that sort before this one under (key, index)
+    a, b = groups.unsqueeze(2), groups.unsqueeze(1)
+    idx = torch.arange(4, device=keys.device)
+    before = (b < a) | ((b == a) & (idx.view(1, 1, 4) < idx.view(1, 4, 1)))
+    return (before.sum(dim=2) >= 2).view(keys.shape)
+
+
+def prune_keys_ref(weight: torch.Tensor, scores: torch.Tensor | None, method: str, granularity: str,
+                   block_rows: int, block_cols: int) -> torch.Tensor:
+    """The keys a mask is thresholded on: |w| (magnitude, mgpp) or scores (movement methods);
+    per block: Σw² or Σscores (block_keys_ref)."""
+    movement = method in ("movement", "soft_movement")
+    source = scores if movement else weight
+    if granularity == "block":
+        return block_keys_ref(source, block_rows, block_cols, squared=not movement)
+    return source if movement else source.abs()
+
+
+def fused_prune_step_ref(weight, grad, scores, mask, histogram, *, method, granularity="element",
+                         block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
+                         prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
+                         mask_grad=True, mask_weight=False) -> None:
+    """Reference of torch.ops.sparse_ops.fused_prune_step (see sparse_ops/ops.py for the contract)."""
+    keys = prune_keys_ref(weight, scores, method, granularity, block_rows, block_cols)
+    if granularity == "2:4":
+        keep = two_four_keep(keys)
+    else:
+        keep = threshold_keep(keys, threshold, tie_cut, index_offset, strict=method == "soft_movement")
+        if granularity == "block":
+            keep = expand_block_mask(keep, tuple(weight.shape), block_rows, block_cols)
+    ct = compute_dtype(weight.dtype)
+    w, g = weight.to(ct), grad.to(ct)
+    if scores is not None and score_lr != 0.0:
+        scores.copy_(scores.to(ct) - score_lr * g * w)
+    new_grad = g.masked_fill(~keep, 0.0) if mask_grad else g
+    if prior_scale != 0.0:
+        new_grad = new_grad + mgp_prior_grad_ref(w, lam, var0, var1, prior_scale)
+    grad.copy_(new_grad)
+    if mask_weight:
+        weight.masked_fill_(~keep, 0.0)
+    mask.copy_(keep)
+    if histogram is not None:
+        next_keys = prune_keys_ref(weight, scores, method, granularity, block_rows, block_cols)
+        state = torch.zeros(2, dtype=torch.int64, device=histogram.device)
+        histogram += radix_histogram_ref([next_keys], state, 0, absolute=False)[: histogram.numel()]

@@ -1,0 +1,31 @@
+"""Test setup: the Triton interpreter is switched on before any kernel module is imported, so the
+Triton kernels also run (slowly, program by program) on CPU tensors. Keep their grids small."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sparse_ops  # noqa: E402,F401  (registers the ops)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def triton_kernels():
+    """sparse_ops.kernels, or skip when Triton is missing (e.g. a platform without wheels)."""
+    return pytest.importorskip("sparse_ops.kernels")
+
+
+def triton_device(device: str) -> str:
+    """Triton launchers run on CUDA, or on CPU under the interpreter."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    return device

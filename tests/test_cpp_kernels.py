@@ -1,0 +1,343 @@
+"""The C++ CPU kernels of sparse_ops._C (csrc/cpu) against the plain-PyTorch references.
+
+The private ops torch.ops.sparse_ops.<op>_cpu are called directly, on fresh random inputs: odd
+shapes, every dtype, extreme values, many ties. Masks, histograms, scores and masked weights must
+match exactly; outputs that go through exp() (the prior) to within a few ulps.
+
+Skipped when the extension was not built, unless SPARSE_OPS_REQUIRE_EXT=1 (then it fails).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+import sparse_ops
+from sparse_ops import reference
+from sparse_ops.ops import CPP_OPS, cpu_backend
+
+BUILT = all(cpu_backend(op) == "cpp" for op in CPP_OPS)
+REQUIRED = os.environ.get("SPARSE_OPS_REQUIRE_EXT") == "1"
+pytestmark = pytest.mark.skipif(not BUILT and not REQUIRED, reason="sparse_ops._C was not built")
+
+OPS = torch.ops.sparse_ops
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# relative tolerance for values that pass through exp(): a few ulps of the compute type, or one
+# rounding of the output dtype
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+EXTREMES = [0.0, -0.0, 1e-6, -1e-6, 10.0, -10.0, 1.0, -3e-4, 5e-3]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def test_extension_loaded():
+    assert BUILT, f"sparse_ops._C not loaded: {sparse_ops.extension_error()}"
+
+
+def assert_identical(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, rtol: float,
+                        what: str) -> None:
+    """|actual − expected| ≤ rtol·(|expected| + |scale|) elementwise; infinities and NaNs must agree."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, e, s = actual.double(), expected.double(), scale.double().abs()
+    same = (a == e) | (a.isnan() & e.isnan())
+    finite = a.isfinite() & e.isfinite() & s.isfinite()
+    ok = same | (finite & ((a - e).abs() <= rtol * (e.abs() + s)))
+    if not bool(ok.all()):
+        i = int((~ok).flatten().nonzero()[0])
+        raise AssertionError(f"{what}: {int((~ok).sum())} mismatches, first at {i}: "
+                             f"{a.flatten()[i].item()!r} vs {e.flatten()[i].item()!r}")
+
+
+def stable_seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def random_values(shape, dtype, gen, extremes=True) -> torch.Tensor:
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * torch.rand(shape, generator=gen, dtype=torch.float64)
+    if extremes and x.numel() > 0:
+        flat = x.view(-1)
+        picks = torch.randint(0, flat.numel(), (min(flat.numel(), 3 * len(EXTREMES)),), generator=gen)
+        for j, p in enumerate(picks.tolist()):
+            flat[p] = EXTREMES[j % len(EXTREMES)]
+    return x.to(dtype)
+
+
+def non_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """Same values, transposed (or strided) memory."""
+    if x.dim() >= 2:
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    return torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# mgp_prior_grad
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(37, 53), (1, 1), (), (3, 100), (2, 3, 17), (0, 5)])
+@pytest.mark.parametrize("var0", [1e-10, 1e-12, 1e-3])
+def test_mgp_prior_grad(dtype, shape, var0):
+    gen = torch.Generator().manual_seed(stable_seed(dtype, shape, var0))
+    w = random_values(shape, dtype, gen) * 0.05
+    for lam, var1, scale in ((0.1, 0.05, 1.0), (1e-4, 0.1, 1 / 12808), (0.9, 2.0 * var0, -2.5)):
+        out = OPS.mgp_prior_grad_cpu(w, lam, var0, var1, scale)
+        ref = reference.mgp_prior_grad_ref(w, lam, var0, var1, scale)
+        assert out.is_contiguous()
+        assert_close_scaled(out, ref, ref, RTOL[dtype], f"mgp_prior_grad {dtype} {shape} lam={lam}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_mgp_prior_grad_extremes_are_stable(dtype):
+    """θ = 0, tiny, huge with var0 down to 1e-12: no NaN, and the reference's values."""
+    values = [0.0, -0.0, 1e-30, 1e-6, -1e-6, 1e-3, 10.0, -10.0, 1e4]
+    w = torch.tensor(values, dtype=torch.float64).to(dtype)
+    for var0 in (1e-10, 1e-12):
+        out = OPS.mgp_prior_grad_cpu(w, 0.1, var0, 0.05, 1.0)
+        assert not out.isnan().any()
+        assert_close_scaled(out, reference.mgp_prior_grad_ref(w, 0.1, var0, 0.05), out, RTOL[dtype], "extremes")
+
+
+def test_mgp_prior_grad_non_contiguous():
+    gen = torch.Generator().manual_seed(0)
+    w = non_contiguous(random_values((37, 53), torch.float32, gen))
+    assert not w.is_contiguous()
+    out = OPS.mgp_prior_grad_cpu(w, 0.1, 1e-10, 0.05, 1.0)
+    assert out.is_contiguous()
+    ref = reference.mgp_prior_grad_ref(w, 0.1, 1e-10, 0.05)
+    assert_close_scaled(out, ref, ref, RTOL[torch.float32], "non-contiguous")
+
+
+def test_mgp_prior_grad_rejects_bad_dtype():
+    with pytest.raises(RuntimeError, match="w must have dtype"):
+        OPS.mgp_prior_grad_cpu(torch.ones(3, dtype=torch.int32), 0.1, 1e-10, 0.05, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# radix_histogram
+# ---------------------------------------------------------------------------------------------
+def histogram_inputs(dtype, gen):
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), 1.0, -1.0,
+                             1e-6, -1e-6, 65504.0, 1e-40], dtype=torch.float64).to(dtype)
+    ties = torch.randint(-3, 4, (97,), generator=gen).to(dtype)
+    dense = random_values((37, 53), dtype, gen)
+    return [dense, non_contiguous(random_values((5, 9), dtype, gen)), specials, ties,
+            torch.empty(0, dtype=dtype), random_values((1, 1), dtype, gen)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("absolute", [False, True])
+def test_radix_histogram_every_level(dtype, absolute):
+    gen = torch.Generator().manual_seed(DTYPES.index(dtype) * 2 + absolute)
+    xs = histogram_inputs(dtype, gen)
+    bits = reference.KEY_BITS[dtype]
+    levels = bits // reference.RADIX_BITS
+    # prefixes of real keys (so deeper levels count something), plus one that matches nothing
+    keys = reference.order_keys(torch.cat([x.flatten() for x in xs]), absolute)
+    samples = [int(keys[i]) & ((1 << bits) - 1) for i in (0, 7, keys.numel() - 3)]
+    for level in range(levels):
+        shift = bits - reference.RADIX_BITS * level
+        prefixes = {key >> shift for key in samples} if level else {0}
+        if level:
+            prefixes.add((1 << (bits - shift)) - 1)
+        for prefix in prefixes:
+            state = torch.tensor([prefix if prefix < 2**63 else prefix - 2**64, 5], dtype=torch.int64)
+            out = OPS.radix_histogram_cpu(xs, state, level, absolute)
+            ref = reference.radix_histogram_ref(xs, state, level, absolute)
+            assert_identical(out, ref, f"radix_histogram {dtype} level={level} prefix={prefix}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_radix_histogram_large_parallel(dtype):
+    """Enough elements for several threads: per-thread histograms must merge exactly."""
+    gen = torch.Generator().manual_seed(11)
+    xs = [random_values((300_001,), dtype, gen), torch.randint(-5, 5, (70_000,), generator=gen).to(dtype)]
+    state = torch.zeros(2, dtype=torch.int64)
+    out = OPS.radix_histogram_cpu(xs, state, 0, True)
+    assert_identical(out, reference.radix_histogram_ref(xs, state, 0, True), "large")
+    assert int(out.sum()) == sum(x.numel() for x in xs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_kthvalue_through_cpp_histograms(dtype):
+    """End to end: the public kthvalue (radix select over the C++ histograms) equals torch.kthvalue."""
+    assert cpu_backend("radix_histogram") == "cpp"
+    gen = torch.Generator().manual_seed(3)
+    x = non_contiguous(random_values((37, 53), dtype, gen))
+    for k in (1, 2, 977, x.numel() - 1, x.numel()):
+        assert_identical(OPS.kthvalue(x, k), torch.kthvalue(x.flatten(), k).values, f"kthvalue k={k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_prune_step
+# ---------------------------------------------------------------------------------------------
+SHAPES = {
+    "element": [((37, 53), (1, 1)), ((1, 1), (1, 1)), ((), (1, 1)), ((2, 3, 17), (1, 1)), ((0, 4), (1, 1))],
+    "block": [((37, 53), (8, 8)), ((3, 100), (32, 32)), ((64, 64), (32, 32)), ((1, 1), (1, 1)),
+              ((70, 33), (32, 16)), ((5, 7), (2, 3))],
+    "2:4": [((37, 52), (1, 1)), ((1, 4), (1, 1)), ((8, 64), (1, 1))],
+}
+OPTIONS = [  # (prior_scale, var0, score_lr, mask_grad, mask_weight)
+    (0.0, 1e-10, 0.1, True, False),
+    (1 / 12808, 1e-10, 0.0, True, True),
+    (0.5, 1e-12, 0.05, False, True),
+    (0.0, 1e-10, 0.0, False, False),
+]
+
+
+def make_tensor(shape, dtype, gen, kind, block=None):
+    """kind='ties': half-integer values, many equal keys; with `block` (rows, cols), constant per
+    block too, so that block keys tie as well."""
+    if kind != "ties":
+        return random_values(shape, dtype, gen)
+    if block is None:
+        return (torch.randint(-3, 4, shape, generator=gen) * 0.5).to(dtype)
+    (rows, cols), (br, bc) = shape, block
+    per_block = torch.randint(-2, 3, (-(-rows // br), -(-cols // bc)), generator=gen) * 0.5
+    full = per_block.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
+    return full.contiguous().to(dtype)
+
+
+def pick_threshold(keys: torch.Tensor, index_offset: int, gen) -> tuple[float, int]:
+    """A threshold equal to a key value that ties with others, and a tie_cut in the middle of its ties."""
+    flat = keys.flatten()
+    if flat.numel() == 0:
+        return 0.0, 0
+    value = flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))]
+    positions = (flat == value).nonzero().flatten()
+    if positions.numel() == 0:  # NaN key
+        return 0.0, index_offset
+    middle = int(positions[positions.numel() // 2])
+    return float(value), index_offset + middle
+
+
+def run_both(weight, grad, scores, mask, histogram, **kwargs):
+    """Run the C++ kernel and the reference on separate clones (strides preserved)."""
+    def clones():
+        return [None if t is None else t.clone() for t in (weight, grad, scores, mask, histogram)]
+
+    cpp, ref = clones(), clones()
+    OPS.fused_prune_step_cpu(*cpp, **kwargs)
+    reference.fused_prune_step_ref(*ref, **kwargs)
+    return cpp, ref
+
+
+def check_fused(cpp, ref, kwargs, what, weight):
+    """Everything identical, except the grad when the prior (exp) is added: within a few ulps of
+    |grad| + |prior(weight at entry)|."""
+    (w1, g1, s1, m1, h1), (w2, g2, s2, m2, h2) = cpp, ref
+    assert_identical(m1, m2, f"{what} mask")
+    assert_identical(w1, w2, f"{what} weight")
+    if s1 is not None:
+        assert_identical(s1, s2, f"{what} scores")
+    if h1 is not None:
+        assert_identical(h1, h2, f"{what} histogram")
+    if kwargs["prior_scale"] == 0.0:
+        assert_identical(g1, g2, f"{what} grad")
+    else:
+        prior = reference.mgp_prior_grad_ref(weight.to(reference.compute_dtype(weight.dtype)), kwargs["lam"],
+                                             kwargs["var0"], kwargs["var1"], kwargs["prior_scale"])
+        assert_close_scaled(g1, g2, prior, RTOL[g2.dtype], f"{what} grad")
+
+
+def fused_cases():
+    for method, granularity in itertools.product(reference.METHODS, reference.GRANULARITIES):
+        pairs = [(dtype, dtype) for dtype in DTYPES]
+        if granularity == "element":  # scores in another dtype than the weight
+            pairs += [(torch.float32, torch.float16), (torch.bfloat16, torch.float32), (torch.float64, torch.float16)]
+        for dtype, score_dtype in pairs:
+            yield pytest.param(method, granularity, dtype, score_dtype,
+                               id=f"{method}-{granularity}-{dtype_id(dtype)}-scores_{dtype_id(score_dtype)}")
+
+
+@pytest.mark.parametrize("method,granularity,dtype,score_dtype", list(fused_cases()))
+def test_fused_prune_step(method, granularity, dtype, score_dtype):
+    movement = method in ("movement", "soft_movement")
+    gen = torch.Generator().manual_seed(stable_seed(method, granularity, dtype, score_dtype))
+    for case, ((shape, (br, bc)), options) in enumerate(itertools.product(SHAPES[granularity], OPTIONS)):
+        prior_scale, var0, score_lr, mask_grad, mask_weight = options
+        kind = "ties" if case % 2 == 0 else "random"
+        block = (br, bc) if granularity == "block" else None
+        weight = make_tensor(shape, dtype, gen, kind, block)
+        grad = random_values(shape, dtype, gen)
+        with_scores = movement or case % 3 == 0
+        scores = make_tensor(shape, score_dtype, gen, kind, block) if with_scores else None
+        mask = torch.rand(shape, generator=gen) < 0.5
+        histogram = torch.randint(0, 100, (reference.RADIX_BINS + 1,), generator=gen) if movement else None
+        if case % 4 == 1 and len(shape) == 2:
+            weight, grad, mask = non_contiguous(weight), non_contiguous(grad), non_contiguous(mask)
+            scores = None if scores is None else non_contiguous(scores)
+        index_offset = [0, 5, 1000][case % 3]
+        keys = reference.prune_keys_ref(weight, scores, method, granularity, br, bc)
+        threshold, tie_cut = pick_threshold(keys, index_offset, gen)
+        if case % 5 == 4:  # a threshold that is not representable in the key dtype
+            threshold = threshold + 0.1
+        kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+                      tie_cut=tie_cut, index_offset=index_offset, prior_scale=prior_scale, lam=0.1, var0=var0,
+                      var1=0.05, score_lr=score_lr if with_scores else 0.0, mask_grad=mask_grad,
+                      mask_weight=mask_weight)
+        cpp, ref = run_both(weight, grad, scores, mask, histogram, **kwargs)
+        check_fused(cpp, ref, kwargs, f"case {case} shape={shape} block=({br},{bc}) {kwargs}", weight)
+
+
+@pytest.mark.parametrize("threshold", [-math.inf, math.inf, 0.0])
+@pytest.mark.parametrize("method", reference.METHODS)
+def test_fused_prune_step_threshold_edges(method, threshold):
+    """0% and 100% pruning, and a zero threshold with zero keys present (ties at ±0)."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (33, 40)
+    weight = make_tensor(shape, torch.float32, gen, "ties", (4, 8))
+    scores = make_tensor(shape, torch.float32, gen, "ties", (4, 8))
+    grad = random_values(shape, torch.float32, gen)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    histogram = torch.zeros(reference.RADIX_BINS + 1, dtype=torch.int64) if method.endswith("movement") else None
+    for granularity, (br, bc) in (("element", (1, 1)), ("block", (4, 8))):
+        kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+                      tie_cut=300, index_offset=0, prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
+                      mask_grad=True, mask_weight=True)
+        cpp, ref = run_both(weight, grad, scores, mask, histogram, **kwargs)
+        check_fused(cpp, ref, kwargs, f"{granularity} threshold={threshold}", weight)
+
+
+def test_fused_prune_step_large_parallel():
+    """A 3072x768 step (several threads, many chunks) equals the reference exactly."""
+    gen = torch.Generator().manual_seed(9)
+    shape = (3072, 768)
+    weight = random_values(shape, torch.float32, gen, extremes=False)
+    grad = random_values(shape, torch.float32, gen, extremes=False)
+    scores = random_values(shape, torch.float32, gen, extremes=False)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    histogram = torch.zeros(reference.RADIX_BINS + 1, dtype=torch.int64)
+    for granularity, (br, bc) in (("element", (1, 1)), ("block", (32, 32)), ("2:4", (1, 1))):
+        keys = reference.prune_keys_ref(weight, scores, "movement", granularity, br, bc)
+        threshold, tie_cut = pick_threshold(keys, 0, gen)
+        kwargs = dict(method="movement", granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+                      tie_cut=tie_cut, index_offset=0, prior_scale=1e-4, lam=0.1, var0=1e-10, var1=0.05,
+                      score_lr=0.01, mask_grad=True, mask_weight=False)
+        cpp, ref = run_both(weight, grad, scores, mask, histogram, **kwargs)
+        check_fused(cpp, ref, kwargs, f"large {granularity}", weight)
+
+
+def test_fused_prune_step_rejects_bad_arguments():
+    w = torch.zeros(4, 4)
+    with pytest.raises(RuntimeError, match="mask must have dtype bool"):
+        OPS.fused_prune_step_cpu(w, w.clone(), None, torch.zeros(4, 4), None, method="magnitude")
+    with pytest.raises(RuntimeError, match="grad must have the shape of weight"):
+        OPS.fused_prune_step_cpu(w, torch.zeros(4, 5), None, w.bool(), None, method="magnitude")
+    with pytest.raises(RuntimeError, match="histogram must be int64"):
+        OPS.fused_prune_step_cpu(w, w.clone(), w.clone(), w.bool(), torch.zeros(256, dtype=torch.int64),
+                                 method="movement")
+    with pytest.raises(RuntimeError, match="scores is required"):
+        OPS.fused_prune_step_cpu(w, w.clone(), None, w.bool(), None, method="movement")
+    with pytest.raises(RuntimeError, match="granularity must be one of"):
+        OPS.fused_prune_step_cpu(w, w.clone(), None, w.bool(), None, method="magnitude", granularity="row")
