@@ -25,15 +25,20 @@ GROUPS_24 = 256  # groups of 4 per program for 2:4
 
 
 @triton.jit
-def _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
-            HAS_SCORES: tl.constexpr, UPDATE_SCORES: tl.constexpr, ADD_PRIOR: tl.constexpr,
+def _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
+            UPDATE_SCORES: tl.constexpr, SIGMOID_L1: tl.constexpr, ADD_PRIOR: tl.constexpr,
             MASK_GRAD: tl.constexpr, MASK_WEIGHT: tl.constexpr):
     """New (grad, scores, weight) values, in float32 / storage dtypes as noted."""
     w = w_raw.to(tl.float32)
     g = g_raw.to(tl.float32)
     s_new = s_raw
     if UPDATE_SCORES:
-        s_new = round_to(s_raw.to(tl.float32) - score_lr * g * w, s_raw.dtype)
+        s = s_raw.to(tl.float32)
+        score_grad = g * w
+        if SIGMOID_L1:
+            sig = 1.0 / (1.0 + tl.exp(-s))
+            score_grad = score_grad + sigmoid_l1 * sig * (1.0 - sig)
+        s_new = round_to(s - score_lr * score_grad, s_raw.dtype)
     g_new = g
     if MASK_GRAD:
         g_new = tl.where(keep, g, 0.0)
@@ -71,9 +76,9 @@ def _keep(key, threshold, index, tie_cut, STRICT: tl.constexpr):
 @triton.jit
 def _fused_prune_step_kernel(
         w_ptr, g_ptr, s_ptr, m_ptr, hist_ptr, n, threshold, tie_cut, index_offset,
-        prior_scale, c1, c2, inv0, inv1, score_lr,
+        prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
         KEY_FROM_SCORES: tl.constexpr, STRICT: tl.constexpr, HAS_SCORES: tl.constexpr,
-        UPDATE_SCORES: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr,
+        UPDATE_SCORES: tl.constexpr, SIGMOID_L1: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr,
         MASK_WEIGHT: tl.constexpr, EMIT_HIST: tl.constexpr, KEY_BITS: tl.constexpr,
         INF_BITS: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
     """Element granularity: flat BLOCK elements per program."""
@@ -90,7 +95,7 @@ def _fused_prune_step_kernel(
         key = tl.abs(w_raw).to(tl.float32)
     keep = _keep(key, threshold, index_offset + offs, tie_cut, STRICT)
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
-                                  HAS_SCORES, UPDATE_SCORES, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
+                                  sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
     tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
     tl.store(m_ptr + offs, keep, mask=inside)
     if UPDATE_SCORES:
@@ -104,9 +109,9 @@ def _fused_prune_step_kernel(
 @triton.jit
 def _fused_prune_step_block_kernel(
         w_ptr, g_ptr, s_ptr, m_ptr, hist_ptr, rows, cols, block_rows, block_cols, blocks_per_row,
-        threshold, tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr,
+        threshold, tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
         KEY_FROM_SCORES: tl.constexpr, STRICT: tl.constexpr, HAS_SCORES: tl.constexpr,
-        UPDATE_SCORES: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr,
+        UPDATE_SCORES: tl.constexpr, SIGMOID_L1: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr,
         MASK_WEIGHT: tl.constexpr, EMIT_HIST: tl.constexpr, SLOTS: tl.constexpr,
         TILE_R: tl.constexpr, TILE_C: tl.constexpr):
     """Block granularity: one (block_rows × block_cols) block per program, padded to a pow2 tile."""
@@ -131,7 +136,7 @@ def _fused_prune_step_block_kernel(
     keep_block = _keep(key, threshold, index_offset + block, tie_cut, STRICT)
     keep = tl.where(keep_block, inside, tl.zeros_like(inside))
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
-                                  HAS_SCORES, UPDATE_SCORES, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
+                                  sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
     tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
     tl.store(m_ptr + offs, keep, mask=inside)
     if UPDATE_SCORES:
@@ -139,16 +144,16 @@ def _fused_prune_step_block_kernel(
     if MASK_WEIGHT:
         tl.store(w_ptr + offs, w_new, mask=inside)
     if EMIT_HIST:
-        next_key = tl.sum(tl.sum(s_new.to(tl.float64), axis=1), axis=0).to(tl.float32)
+        next_key = tl.sum(tl.sum(tl.where(inside, s_new.to(tl.float64), 0.0), axis=1), axis=0).to(tl.float32)
         first = tl.arange(0, 2) == 0  # the block's one key, as a 2-lane vector for the histogram
         _store_histogram(hist_ptr, tl.where(first, next_key, 0.0), first, 32, 0x7F800000, SLOTS, 2)
 
 
 @triton.jit
 def _fused_prune_step_24_kernel(
-        w_ptr, g_ptr, s_ptr, m_ptr, hist_ptr, groups, prior_scale, c1, c2, inv0, inv1, score_lr,
+        w_ptr, g_ptr, s_ptr, m_ptr, hist_ptr, groups, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
         KEY_FROM_SCORES: tl.constexpr, HAS_SCORES: tl.constexpr, UPDATE_SCORES: tl.constexpr,
-        ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_WEIGHT: tl.constexpr,
+        SIGMOID_L1: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_WEIGHT: tl.constexpr,
         EMIT_HIST: tl.constexpr, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, SLOTS: tl.constexpr,
         GROUPS: tl.constexpr):
     """2:4: keep the 2 largest keys of each 4 consecutive elements (lower index pruned on ties)."""
@@ -171,7 +176,7 @@ def _fused_prune_step_24_kernel(
     before = (other < mine) | ((other == mine) & earlier)
     keep = tl.sum(before.to(tl.int32), axis=2) >= 2
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
-                                  HAS_SCORES, UPDATE_SCORES, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
+                                  sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
     tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
     tl.store(m_ptr + offs, keep, mask=inside)
     if UPDATE_SCORES:
@@ -189,7 +194,7 @@ def _threshold_as(value: float, dtype: torch.dtype) -> float:
 
 def fused_prune_step_triton(weight, grad, scores, mask, histogram, *, method, granularity="element",
                             block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
-                            prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
+                            prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0,
                             mask_grad=True, mask_weight=False) -> None:
     """Launch the kernel for `granularity` on contiguous tensors (arguments checked by the op)."""
     movement = method in ("movement", "soft_movement")
@@ -197,7 +202,8 @@ def fused_prune_step_triton(weight, grad, scores, mask, histogram, *, method, gr
     c1, c2, inv0, inv1 = mgp_constants(lam, var0, var1) if prior_scale != 0.0 else (0.0, 0.0, 0.0, 0.0)
     hist = torch.zeros(SLOTS, dtype=torch.int64, device=weight.device) if histogram is not None else None
     flags = dict(KEY_FROM_SCORES=movement, HAS_SCORES=scores is not None,
-                 UPDATE_SCORES=scores is not None and score_lr != 0.0, ADD_PRIOR=prior_scale != 0.0,
+                 UPDATE_SCORES=scores is not None and score_lr != 0.0, SIGMOID_L1=sigmoid_l1 != 0.0,
+                 ADD_PRIOR=prior_scale != 0.0,
                  MASK_GRAD=mask_grad, MASK_WEIGHT=mask_weight, EMIT_HIST=histogram is not None, SLOTS=SLOTS)
     s_arg = scores if scores is not None else weight
     if granularity == "element":
@@ -205,7 +211,7 @@ def fused_prune_step_triton(weight, grad, scores, mask, histogram, *, method, gr
         hist_dtype = scores.dtype if scores is not None else torch.float32
         _fused_prune_step_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
             weight, grad, s_arg, mask, hist, n, _threshold_as(threshold, key_dtype), tie_cut, index_offset,
-            prior_scale, c1, c2, inv0, inv1, score_lr, STRICT=method == "soft_movement",
+            prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1, STRICT=method == "soft_movement",
             KEY_BITS=16 if hist_dtype.itemsize == 2 else 32, INF_BITS=INF_BITS.get(hist_dtype, 0),
             BLOCK=ELEMENT_BLOCK, **flags)
     elif granularity == "block":
@@ -214,14 +220,14 @@ def fused_prune_step_triton(weight, grad, scores, mask, histogram, *, method, gr
         grid = (triton.cdiv(rows, block_rows) * blocks_per_row,)
         _fused_prune_step_block_kernel[grid](
             weight, grad, s_arg, mask, hist, rows, cols, block_rows, block_cols, blocks_per_row,
-            _threshold_as(threshold, key_dtype), tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr,
+            _threshold_as(threshold, key_dtype), tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
             STRICT=method == "soft_movement", TILE_R=triton.next_power_of_2(block_rows),
             TILE_C=triton.next_power_of_2(block_cols), **flags)
     else:
         groups = weight.numel() // 4
         hist_dtype = scores.dtype if scores is not None else torch.float32
         _fused_prune_step_24_kernel[(triton.cdiv(groups, GROUPS_24),)](
-            weight, grad, s_arg, mask, hist, groups, prior_scale, c1, c2, inv0, inv1, score_lr,
+            weight, grad, s_arg, mask, hist, groups, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
             KEY_BITS=16 if hist_dtype.itemsize == 2 else 32, INF_BITS=INF_BITS.get(hist_dtype, 0),
             GROUPS=GROUPS_24, **flags)
     if histogram is not None:

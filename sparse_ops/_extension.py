@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import re
 import warnings
 
 import torch
@@ -12,8 +13,18 @@ import torch
 _state = {"loaded": False, "error": None}
 
 
+def built_schema_version(path: str) -> int | None:
+    """The schema version stamped into a build (csrc/cpu/schema_version.cpp), read without loading it."""
+    with open(path, "rb") as f:
+        found = re.search(rb"sparse_ops_schema_version=(\d+);", f.read())
+    return int(found.group(1)) if found else None
+
+
 def load_extension() -> bool:
-    """Load sparse_ops/_C*.so (it registers C++/CUDA kernels with the dispatcher). Warn once if absent."""
+    """Load sparse_ops/_C*.so (it registers C++/CUDA kernels with the dispatcher). Warn once if it is
+    absent or was built for other op schemas (a stale build: rerun scripts/setup.sh)."""
+    from .ops import SCHEMA_VERSION
+
     if _state["loaded"] or _state["error"] is not None:
         return _state["loaded"]
     here = os.path.dirname(__file__)
@@ -21,6 +32,10 @@ def load_extension() -> bool:
     try:
         if not libs:
             raise ImportError("sparse_ops._C was not built")
+        version = built_schema_version(libs[0])
+        if version != SCHEMA_VERSION:
+            raise ImportError(f"{os.path.basename(libs[0])} implements schema version {version}, this "
+                              f"sparse_ops defines {SCHEMA_VERSION}: rebuild it (bash scripts/setup.sh)")
         torch.ops.load_library(libs[0])
         _state["loaded"] = True
     except (ImportError, OSError, RuntimeError) as exc:

@@ -24,13 +24,16 @@ from ._extension import has_cpu_kernel
 from .prior import check_prior_args
 
 LIB = "sparse_ops"
+# Bump together with csrc/cpu/schema_version.cpp whenever a schema below changes.
+SCHEMA_VERSION = 2
 _lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defined once, here
 
 _FUSED_SCHEMA = (
     "fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask, "
     "Tensor(e!)? histogram, *, str method, str granularity='element', int block_rows=1, "
     "int block_cols=1, float threshold=0., int tie_cut=0, int index_offset=0, float prior_scale=0., "
-    "float lam=0.1, float var0=1e-10, float var1=0.05, float score_lr=0., bool mask_grad=True, "
+    "float lam=0.1, float var0=1e-10, float var1=0.05, float score_lr=0., float sigmoid_l1=0., "
+    "bool mask_grad=True, "
     "bool mask_weight=False) -> ()"
 )
 _lib.define("mgp_prior_grad(Tensor w, float lam, float var0, float var1, float scale=1.) -> Tensor")

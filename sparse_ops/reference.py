@@ -153,7 +153,7 @@ def prune_keys_ref(weight: torch.Tensor, scores: torch.Tensor | None, method: st
 
 def fused_prune_step_ref(weight, grad, scores, mask, histogram, *, method, granularity="element",
                          block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
-                         prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
+                         prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0,
                          mask_grad=True, mask_weight=False) -> None:
     """Reference of torch.ops.sparse_ops.fused_prune_step (see sparse_ops/ops.py for the contract)."""
     keys = prune_keys_ref(weight, scores, method, granularity, block_rows, block_cols)
@@ -166,7 +166,12 @@ def fused_prune_step_ref(weight, grad, scores, mask, histogram, *, method, granu
     ct = compute_dtype(weight.dtype)
     w, g = weight.to(ct), grad.to(ct)
     if scores is not None and score_lr != 0.0:
-        scores.copy_(scores.to(ct) - score_lr * g * w)
+        s = scores.to(ct)
+        score_grad = g * w
+        if sigmoid_l1 != 0.0:  # ∂/∂S of sigmoid_l1·Σ sigmoid(S): the soft-movement L1 penalty
+            sig = torch.sigmoid(s)
+            score_grad = score_grad + sigmoid_l1 * sig * (1.0 - sig)
+        scores.copy_(s - score_lr * score_grad)
     new_grad = g.masked_fill(~keep, 0.0) if mask_grad else g
     if prior_scale != 0.0:
         new_grad = new_grad + mgp_prior_grad_ref(w, lam, var0, var1, prior_scale)

@@ -9,7 +9,7 @@ import torch
 from conftest import FLOAT_DTYPES, triton_device, triton_kernels
 
 import sparse_ops
-from sparse_ops.reference import fused_prune_step_ref, prune_keys_ref
+from sparse_ops.reference import fused_prune_step_ref, prune_keys_ref, radix_histogram_ref
 
 METHODS = ["magnitude", "mgpp", "movement", "soft_movement"]
 GRANULARITIES = {"element": (1, 1), "block": (8, 16), "2:4": (1, 1)}
@@ -30,7 +30,8 @@ def make_case(method, granularity, dtype, device, shape=(37, 52), seed=0):
     thr = sparse_ops.prune_threshold([keys], count)
     kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=thr.value,
                   tie_cut=thr.tie_cut, prior_scale=1e-3 if method == "mgpp" else 0.0,
-                  score_lr=0.01 if scores is not None else 0.0, mask_weight=method == "magnitude")
+                  score_lr=0.01 if scores is not None else 0.0, mask_weight=method == "magnitude",
+                  sigmoid_l1=0.5 if method == "soft_movement" else 0.0)
     return w, grad, scores, kwargs, count
 
 
@@ -58,7 +59,10 @@ def test_triton_matches_reference(device, method, granularity, dtype):
     torch.testing.assert_close(got[1], want[1], **tol)
     if scores is not None:
         torch.testing.assert_close(got[2], want[2], **tol)
-        assert torch.equal(got[4], want[4])  # histogram of the updated keys
+        # the histogram describes exactly the keys the kernel stored (what the next selection reads)
+        next_keys = prune_keys_ref(got[0], got[2], method, granularity, kwargs["block_rows"], kwargs["block_cols"])
+        state = torch.zeros(2, dtype=torch.int64, device=device)
+        assert torch.equal(got[4], radix_histogram_ref([next_keys], state, 0, absolute=False))
 
 
 @pytest.mark.parametrize("method,granularity", list(itertools.product(METHODS, GRANULARITIES)))
@@ -94,8 +98,10 @@ def test_op_semantics(device, method, granularity, dtype):
     if kwargs["prior_scale"]:
         want_grad += kwargs["prior_scale"] * torch.ops.sparse_ops.mgp_prior_grad(w.float(), 0.1, 1e-10, 0.05)
     torch.testing.assert_close(G.float(), want_grad, rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
-    if scores is not None:  # first-order movement update from the raw gradient
-        want_s = scores.float() - kwargs["score_lr"] * grad.float() * w.float()
+    if scores is not None:  # first-order movement update from the raw gradient (+ L1 on sigmoid(S))
+        s = scores.float()
+        want_s = s - kwargs["score_lr"] * (grad.float() * w.float()
+                                           + kwargs["sigmoid_l1"] * torch.sigmoid(s) * (1 - torch.sigmoid(s)))
         torch.testing.assert_close(S.float(), want_s, rtol=1e-2, atol=1e-2 if dtype != torch.float32 else 1e-6)
     assert torch.equal(W, torch.where(M, w, 0.0) if kwargs["mask_weight"] else w)
 
@@ -182,6 +188,7 @@ def _call(**over):
     (dict(tie_cut=-1), "tie_cut must be a non-negative int"),
     (dict(prior_scale=1.0, lam=1.5), "lam must lie in"),
     (dict(prior_scale=float("inf")), "prior_scale must be a finite"),
+    (dict(sigmoid_l1=float("nan")), "sigmoid_l1 must be a finite"),
 ])
 def test_bad_input(over, match):
     with pytest.raises((ValueError, TypeError), match=match):
