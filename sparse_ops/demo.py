@@ -116,7 +116,8 @@ def prune_layer(teacher: torch.nn.Linear, train_x, test_x, method: str, args) ->
         torch.ops.sparse_ops.fused_prune_step(
             weight.data, weight.grad, scores, mask, histogram, method=method, threshold=value, tie_cut=tie_cut,
             prior_scale=1.0 / n_train if method == "mgpp" else 0.0, lam=0.1, var0=1e-9, var1=0.05,
-            score_lr=args.score_lr if movement else 0.0,
+            score_lr=(args.soft_score_lr if method == "soft_movement" else args.score_lr) if movement else 0.0,
+            sigmoid_l1=args.soft_l1 * schedule.sparsity(step) / args.sparsity if method == "soft_movement" else 0.0,
             mask_grad=movement or fixed, mask_weight=(not movement) and prune_now)
         if not prune_now and not movement:
             mask.fill_(True)  # between pruning events nothing is masked (regrowth allowed)
@@ -141,8 +142,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--score-lr", type=float, default=100.0)
+    parser.add_argument("--soft-score-lr", type=float, default=1e4,
+                        help="soft movement's score learning rate (τ = 0 and scores start at 1, so scale matters)")
+    parser.add_argument("--soft-l1", type=float, default=1e-5,
+                        help="final λ_mvp of soft movement (L1 on sigmoid(scores)), ramped with the schedule")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="magnitude,mgpp,movement,soft_movement")
     args = parser.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must lie in [0, 1), got {args.sparsity}")
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
           f"radix_histogram={cpu_backend('radix_histogram')}; MGPP prior threshold t = "
           f"{mgp_threshold(0.1, 1e-9, 0.05):.3g}")
     print(f"{'method':<14}{'sparsity':>9}{'exact count':>13}{'rel. error':>12}{'ms/step':>9}")
-    for method in ("magnitude", "mgpp", "movement", "soft_movement"):
+    for method in args.methods.split(","):
         r = prune_layer(teacher, train_x, test_x, method, args)
         exact = "yes" if r["exact"] else ("n/a" if method == "soft_movement" else "NO")
         print(f"{r['method']:<14}{r['sparsity']:>9.1%}{exact:>13}{r['error']:>12.4f}{r['ms_per_step']:>9.1f}")
