@@ -79,7 +79,7 @@ def _fused_prune_step_kernel(
         prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
         KEY_FROM_SCORES: tl.constexpr, STRICT: tl.constexpr, HAS_SCORES: tl.constexpr,
         UPDATE_SCORES: tl.constexpr, SIGMOID_L1: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr,
-        MASK_WEIGHT: tl.constexpr, EMIT_HIST: tl.constexpr, KEY_BITS: tl.constexpr,
+        MASK_WEIGHT: tl.constexpr, REUSE_MASK: tl.constexpr, EMIT_HIST: tl.constexpr, KEY_BITS: tl.constexpr,
         INF_BITS: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
     """Element granularity: flat BLOCK elements per program."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -93,7 +93,10 @@ def _fused_prune_step_kernel(
         key = s_raw.to(tl.float32)
     else:
         key = tl.abs(w_raw).to(tl.float32)
-    keep = _keep(key, threshold, index_offset + offs, tie_cut, STRICT)
+    if REUSE_MASK:
+        keep = tl.load(m_ptr + offs, mask=inside, other=0) != 0
+    else:
+        keep = _keep(key, threshold, index_offset + offs, tie_cut, STRICT)
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
                                   sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
     tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
@@ -112,7 +115,7 @@ def _fused_prune_step_block_kernel(
         threshold, tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
         KEY_FROM_SCORES: tl.constexpr, STRICT: tl.constexpr, HAS_SCORES: tl.constexpr,
         UPDATE_SCORES: tl.constexpr, SIGMOID_L1: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr,
-        MASK_WEIGHT: tl.constexpr, EMIT_HIST: tl.constexpr, SLOTS: tl.constexpr,
+        MASK_WEIGHT: tl.constexpr, REUSE_MASK: tl.constexpr, EMIT_HIST: tl.constexpr, SLOTS: tl.constexpr,
         TILE_R: tl.constexpr, TILE_C: tl.constexpr):
     """Block granularity: one (block_rows × block_cols) block per program, padded to a pow2 tile."""
     block = tl.program_id(0).to(tl.int64)
@@ -133,8 +136,11 @@ def _fused_prune_step_block_kernel(
     else:
         w64 = w_raw.to(tl.float64)
         key = tl.sum(tl.sum(w64 * w64, axis=1), axis=0).to(tl.float32)
-    keep_block = _keep(key, threshold, index_offset + block, tie_cut, STRICT)
-    keep = tl.where(keep_block, inside, tl.zeros_like(inside))
+    if REUSE_MASK:
+        keep = inside & (tl.load(m_ptr + offs, mask=inside, other=0) != 0)
+    else:
+        keep_block = _keep(key, threshold, index_offset + block, tie_cut, STRICT)
+        keep = tl.where(keep_block, inside, tl.zeros_like(inside))
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
                                   sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
     tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
@@ -154,7 +160,7 @@ def _fused_prune_step_24_kernel(
         w_ptr, g_ptr, s_ptr, m_ptr, hist_ptr, groups, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
         KEY_FROM_SCORES: tl.constexpr, HAS_SCORES: tl.constexpr, UPDATE_SCORES: tl.constexpr,
         SIGMOID_L1: tl.constexpr, ADD_PRIOR: tl.constexpr, MASK_GRAD: tl.constexpr, MASK_WEIGHT: tl.constexpr,
-        EMIT_HIST: tl.constexpr, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, SLOTS: tl.constexpr,
+        REUSE_MASK: tl.constexpr, EMIT_HIST: tl.constexpr, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr, SLOTS: tl.constexpr,
         GROUPS: tl.constexpr):
     """2:4: keep the 2 largest keys of each 4 consecutive elements (lower index pruned on ties)."""
     g_idx = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
@@ -175,6 +181,8 @@ def _fused_prune_step_24_kernel(
     earlier = lane[None, None, :] < lane[None, :, None]
     before = (other < mine) | ((other == mine) & earlier)
     keep = tl.sum(before.to(tl.int32), axis=2) >= 2
+    if REUSE_MASK:
+        keep = tl.load(m_ptr + offs, mask=inside, other=0) != 0
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
                                   sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
     tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
@@ -195,7 +203,7 @@ def _threshold_as(value: float, dtype: torch.dtype) -> float:
 def fused_prune_step_triton(weight, grad, scores, mask, histogram, *, method, granularity="element",
                             block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
                             prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0,
-                            mask_grad=True, mask_weight=False) -> None:
+                            mask_grad=True, mask_weight=False, reuse_mask=False) -> None:
     """Launch the kernel for `granularity` on contiguous tensors (arguments checked by the op)."""
     movement = method in ("movement", "soft_movement")
     key_dtype = (scores.dtype if movement else weight.dtype) if granularity != "block" else torch.float32
@@ -204,7 +212,8 @@ def fused_prune_step_triton(weight, grad, scores, mask, histogram, *, method, gr
     flags = dict(KEY_FROM_SCORES=movement, HAS_SCORES=scores is not None,
                  UPDATE_SCORES=scores is not None and score_lr != 0.0, SIGMOID_L1=sigmoid_l1 != 0.0,
                  ADD_PRIOR=prior_scale != 0.0,
-                 MASK_GRAD=mask_grad, MASK_WEIGHT=mask_weight, EMIT_HIST=histogram is not None, SLOTS=SLOTS)
+                 MASK_GRAD=mask_grad, MASK_WEIGHT=mask_weight, REUSE_MASK=reuse_mask,
+                 EMIT_HIST=histogram is not None, SLOTS=SLOTS)
     s_arg = scores if scores is not None else weight
     if granularity == "element":
         n = weight.numel()

@@ -6,11 +6,14 @@ loads the compiled extension sparse_ops._C when it was built.
 
 from . import ops as _ops  # noqa: F401  (defines the ops before the extension implements them)
 from ._extension import extension_error, load_extension
+from .config import PruningConfig
 from .prior import mgp_constants, mgp_threshold
+from .pruner import Pruner
+from .schedule import CubicSchedule
 from .select import Selection, Threshold, prune_threshold, radix_select
 
 load_extension()
 
 __version__ = "0.1.0"
-__all__ = ["Selection", "Threshold", "extension_error", "mgp_constants", "mgp_threshold", "prune_threshold",
-           "radix_select"]
+__all__ = ["CubicSchedule", "Pruner", "PruningConfig", "Selection", "Threshold", "extension_error", "mgp_constants",
+           "mgp_threshold", "prune_threshold", "radix_select"]

@@ -56,7 +56,7 @@ def _check_same(name: str, t, weight: torch.Tensor, dtype=None) -> None:
 def check_fused_args(weight, grad, scores, mask, histogram, *, method, granularity="element", block_rows=1,
                      block_cols=1, threshold=0.0, tie_cut=0, index_offset=0, prior_scale=0.0, lam=0.1,
                      var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0, mask_grad=True,
-                     mask_weight=False) -> None:
+                     mask_weight=False, reuse_mask=False) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if granularity not in GRANULARITIES:

@@ -17,6 +17,8 @@ Schemas (see README "Ops" for the full contract):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _checks, reference
@@ -25,7 +27,7 @@ from .prior import check_prior_args
 
 LIB = "sparse_ops"
 # Bump together with csrc/cpu/schema_version.cpp whenever a schema below changes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defined once, here
 
 _FUSED_SCHEMA = (
@@ -34,7 +36,7 @@ _FUSED_SCHEMA = (
     "int block_cols=1, float threshold=0., int tie_cut=0, int index_offset=0, float prior_scale=0., "
     "float lam=0.1, float var0=1e-10, float var1=0.05, float score_lr=0., float sigmoid_l1=0., "
     "bool mask_grad=True, "
-    "bool mask_weight=False) -> ()"
+    "bool mask_weight=False, bool reuse_mask=False) -> ()"
 )
 _lib.define("mgp_prior_grad(Tensor w, float lam, float var0, float var1, float scale=1.) -> Tensor")
 _lib.define("radix_histogram(Tensor[] xs, Tensor state, int level, bool absolute) -> Tensor")
@@ -54,12 +56,30 @@ def _triton_kernels():
     return kernels
 
 
+_forced = {"backend": None}
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None):
+    """Run the ops on one backend: "reference" (plain PyTorch, any device), "triton" (CUDA, or CPU
+    under TRITON_INTERPRET=1), or None (the default choice by device). For tests and debugging."""
+    if backend not in (None, "reference", "triton"):
+        raise ValueError(f"backend must be None, 'reference' or 'triton', got {backend!r}")
+    previous, _forced["backend"] = _forced["backend"], backend
+    try:
+        yield
+    finally:
+        _forced["backend"] = previous
+
+
 def _use_triton(t: torch.Tensor) -> bool:
+    if _forced["backend"] is not None:
+        return _forced["backend"] == "triton" and t.dtype != torch.float64
     return t.device.type == "cuda" and t.dtype != torch.float64
 
 
 def _use_cpp(op: str, t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and has_cpu_kernel(f"{LIB}::{op}_cpu")
+    return _forced["backend"] is None and t.device.type == "cpu" and has_cpu_kernel(f"{LIB}::{op}_cpu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,10 +154,12 @@ def prune_keys_ref(weight: torch.Tensor, scores: torch.Tensor | None, method: st
 def fused_prune_step_ref(weight, grad, scores, mask, histogram, *, method, granularity="element",
                          block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
                          prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0,
-                         mask_grad=True, mask_weight=False) -> None:
+                         mask_grad=True, mask_weight=False, reuse_mask=False) -> None:
     """Reference of torch.ops.sparse_ops.fused_prune_step (see sparse_ops/ops.py for the contract)."""
     keys = prune_keys_ref(weight, scores, method, granularity, block_rows, block_cols)
-    if granularity == "2:4":
+    if reuse_mask:  # a fixed mask: keep what `mask` already keeps
+        keep = mask.clone()
+    elif granularity == "2:4":
         keep = two_four_keep(keys)
     else:
         keep = threshold_keep(keys, threshold, tie_cut, index_offset, strict=method == "soft_movement")

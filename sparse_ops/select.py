@@ -94,23 +94,27 @@ class Threshold:
 
 def prune_threshold(keys: Sequence[torch.Tensor], count: int, *, absolute: bool = False,
                     first_histogram: torch.Tensor | None = None,
-                    reduce: Callable[[torch.Tensor], None] | None = None) -> Threshold:
+                    reduce: Callable[[torch.Tensor], None] | None = None,
+                    hist_keys: Sequence[torch.Tensor] | None = None) -> Threshold:
     """The threshold that prunes exactly `count` of the keys of `keys` (global over the list;
-    global flat index = position in the concatenation of the flattened tensors, in list order)."""
-    total = sum(k.numel() for k in keys)
+    global flat index = position in the concatenation of the flattened tensors, in list order).
+
+    Several processes holding the same `keys` (data-parallel replicas) can split the work: each
+    passes its share as `hist_keys` (e.g. keys[rank::world]) and a sum all-reduce as `reduce`; the
+    histograms then cover all keys once, and ties are resolved locally over the full `keys`.
+    """
     if count == 0:
         return Threshold(value=float("-inf"), tie_cut=0, count=0)
-    sel = radix_select(keys, count, absolute=absolute, first_histogram=first_histogram, reduce=reduce)
+    sel = radix_select(keys if hist_keys is None else hist_keys, count, absolute=absolute,
+                       first_histogram=first_histogram, reduce=reduce)
     value = float(sel.value)
     ties_to_prune = count - sel.count_less
     if ties_to_prune == sel.count_equal:
-        return Threshold(value=value, tie_cut=_global_numel(keys, reduce), count=count)
+        return Threshold(value=value, tie_cut=sum(k.numel() for k in keys), count=count)
     # Only some of the ties go: find the global index of the ties_to_prune-th tie (one extra pass,
-    # needed only in this case). With several processes, ranks hold consecutive index ranges.
+    # needed only in this case).
     offset = 0
     remaining = ties_to_prune
-    if reduce is not None:
-        raise NotImplementedError("splitting ties of the threshold value across processes is not supported yet")
     for k in keys:
         equal = (k.abs() if absolute else k).reshape(-1) == sel.value
         n_eq = int(equal.sum())
@@ -119,13 +123,4 @@ def prune_threshold(keys: Sequence[torch.Tensor], count: int, *, absolute: bool 
             return Threshold(value=value, tie_cut=offset + position + 1, count=count)
         remaining -= n_eq
         offset += k.numel()
-    raise AssertionError(f"tie accounting failed (total={total})")
-
-
-def _global_numel(keys, reduce) -> int:
-    total = sum(k.numel() for k in keys)
-    if reduce is not None:
-        t = torch.tensor([total], dtype=torch.int64, device=keys[0].device)
-        reduce(t)
-        total = int(t)
-    return total
+    raise AssertionError("tie accounting failed: the keys changed during the selection?")

@@ -117,6 +117,24 @@ def test_emitted_histogram_feeds_the_next_selection(device, granularity):
         assert fast == full
 
 
+@pytest.mark.parametrize("granularity", list(GRANULARITIES))
+@pytest.mark.parametrize("backend", ["op", "triton"])
+def test_reuse_mask_keeps_the_given_mask(device, granularity, backend):
+    """reuse_mask: a fixed mask (after t_e, or between magnitude events) masks grad and weight."""
+    w, grad, scores, kwargs, _ = make_case("mgpp", granularity, torch.float32, device, shape=(32, 48))
+    given = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)).to(device) > 0.6
+    impl = torch.ops.sparse_ops.fused_prune_step
+    if backend == "triton":
+        impl = triton_kernels().fused_prune_step.fused_prune_step_triton
+        triton_device(device)
+    W, G, M = w.clone(), grad.clone(), given.clone()
+    impl(W, G, None, M, None, **dict(kwargs, reuse_mask=True, mask_weight=True))
+    assert torch.equal(M, given)
+    assert torch.equal(W, torch.where(given, w, 0.0))
+    prior = kwargs["prior_scale"] * torch.ops.sparse_ops.mgp_prior_grad(w, 0.1, 1e-10, 0.05)
+    torch.testing.assert_close(G, torch.where(given, grad, 0.0) + prior)
+
+
 def test_zero_and_all_but_one_sparsity(device):
     w = torch.randn(7, 9, device=device)
     for count in (0, w.numel() - 1):

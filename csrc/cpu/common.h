@@ -5,6 +5,15 @@
 //  * every arithmetic step is rounded separately (setup.py compiles with -ffp-contract=off, so
 //    a*b+c is never fused into an FMA that PyTorch's separate tensor ops would not perform);
 //  * conversions to fp16/bf16 go through float, as c10::convert and Tensor.copy_ do.
+//
+// Speed: the hot loops are written so that GCC vectorises them for the baseline x86-64 ISA (SSE2;
+// no -march flags, the binary runs on any x86-64): no calls, no data-dependent branches, runtime
+// flags hoisted into template parameters, raw bit patterns moved through memcpy, __restrict__
+// pointers. exp() is exp_fast below (a branch-free polynomial) because std::exp is a libm call
+// that blocks vectorisation; at::vec::Vectorized<float>::exp() is no help here: extension builds do
+// not define CPU_CAPABILITY, so it is the generic Vectorized that maps std::exp element by element.
+// The kernels' loops run inside run_vectorised(), which on x86-64 CPUs with AVX2 runs a second
+// copy of them compiled for AVX2 (256-bit vectors), chosen at run time (see there).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,8 +21,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <type_traits>
@@ -24,6 +35,10 @@ constexpr int kRadixBits = 8;
 constexpr int kRadixBins = 1 << kRadixBits;  // digit slots
 constexpr int kNanBin = kRadixBins;          // slot counting NaN (level 0 only)
 constexpr int kHistSlots = kRadixBins + 1;
+
+// Elements per inner chunk of the streaming kernels: every chunk's arrays stay in L1 between the
+// (few, simple, vectorised) passes a kernel makes over it.
+constexpr int64_t kChunk = 1024;
 
 // float32 math for fp16/bf16/fp32, float64 math for fp64.
 template <typename T>
@@ -63,50 +78,211 @@ constexpr int key_bits() {
   return 8 * static_cast<int>(sizeof(typename FloatBits<T>::U));
 }
 
-// One histogram update for value `v` (reference.order_keys + radix_histogram_ref):
-// key = sign-flip transform of the bits (canonical +0; of |v| when absolute); NaN goes to slot 256
-// at level 0 and nowhere at deeper levels; at level > 0 only keys whose higher digits equal
-// `prefix` count.
+template <typename To, typename From>
+inline To bit_cast(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+// c ? a : b through bit masks. Under GCC's default -ftrapping-math a conditional expression whose
+// condition is a float comparison, or whose chosen value is computed by float arithmetic that only
+// that arm uses, stays a branch (GCC will not if-convert or speculate a possibly trapping float
+// operation), and a branch in a loop body blocks vectorisation. Masks keep both arms unconditional.
+inline uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
+inline float select_f32(bool c, float a, float b) {
+  return bit_cast<float>(select_u32(c, bit_cast<uint32_t>(a), bit_cast<uint32_t>(b)));
+}
+
+inline double select_f64(bool c, double a, double b) {
+  const uint64_t m = uint64_t(0) - static_cast<uint64_t>(c);
+  return bit_cast<double>((bit_cast<uint64_t>(a) & m) | (bit_cast<uint64_t>(b) & ~m));
+}
+
+template <typename C>
+inline C select_value(bool c, C a, C b) {
+  if constexpr (std::is_same_v<C, float>) {
+    return select_f32(c, a, b);
+  } else {
+    return select_f64(c, a, b);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// loads and stores in the compute type
+// ---------------------------------------------------------------------------------------------
+// c10's fp16 conversions (without F16C) contain float operations under conditions, which GCC keeps
+// as branches (-ftrapping-math): loops over c10::Half do not vectorise and run several times slower
+// than float loops. These conversions are branch-free (mask selects) and give the same bits as
+// c10 (fp16: IEEE round to nearest even, NaN -> sign|0x7E00; bf16: c10::detail::
+// round_to_nearest_even, NaN -> 0x7FC0); tests/test_cpp_kernels.py checks them exhaustively.
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t magnitude = h & 0x7FFFu;
+  const uint32_t exponent = magnitude >> 10;
+  const uint32_t normal = (magnitude << 13) + (112u << 23);   // exponent 1..30: rebias 15 -> 127
+  // exponent 31: inf, or NaN (payload kept, quieted like c10's conversion)
+  const uint32_t special = (magnitude << 13) | 0x7F800000u | ((magnitude & 0x3FFu) != 0 ? 0x00400000u : 0u);
+  // exponent 0: zero or subnormal, m·2^-24 (both steps exact)
+  const uint32_t tiny = bit_cast<uint32_t>(static_cast<float>(static_cast<int32_t>(magnitude)) * 5.9604644775390625e-8f);
+  uint32_t out = select_u32(exponent == 31, special, normal);
+  out = select_u32(exponent == 0, tiny, out);
+  return bit_cast<float>(out | sign);
+}
+
+inline uint16_t float_to_half_bits(float f) {
+  const uint32_t x = bit_cast<uint32_t>(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t a = x & 0x7FFFFFFFu;
+  // normal half range [2^-14, 65520): rebias, round to nearest even on the 13 dropped bits (a
+  // carry out of the mantissa bumps the exponent, up to 0x7C00 = inf at 65520)
+  const uint32_t normal = (a - (112u << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  // below 2^-14: the float addition 0.5 + |f| rounds |f| to a multiple of 2^-24 (nearest even)
+  const uint32_t subnormal = bit_cast<uint32_t>(bit_cast<float>(a) + 0.5f) - 0x3F000000u;
+  uint32_t out = select_u32(a < 0x38800000u, subnormal, normal);
+  out = select_u32(a >= 0x47800000u, 0x7C00u, out);  // ≥ 65536 and inf
+  out = select_u32(a > 0x7F800000u, 0x7E00u, out);   // NaN
+  return static_cast<uint16_t>(out | sign);
+}
+
+inline float bfloat16_bits_to_float(uint16_t b) {
+  return bit_cast<float>(static_cast<uint32_t>(b) << 16);
+}
+
+inline uint16_t float_to_bfloat16_bits(float f) {
+  const uint32_t x = bit_cast<uint32_t>(f);
+  const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((x & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+// *p in its compute type (exact)
 template <typename T>
-inline void histogram_add(T v, int level, uint64_t prefix, bool absolute, int64_t* hist) {
-  using U = typename FloatBits<T>::U;
-  constexpr int kBits = key_bits<T>();
-  constexpr U kSign = static_cast<U>(U(1) << (kBits - 1));
-  U u;
-  std::memcpy(&u, &v, sizeof(U));
-  if (absolute) u = static_cast<U>(u & ~kSign);
-  const U magnitude = static_cast<U>(u & ~kSign);
-  if (magnitude > FloatBits<T>::kInf) {  // NaN
-    if (level == 0) ++hist[kNanBin];
+inline compute_t<T> load_value(const T* p) {
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    uint16_t b;
+    std::memcpy(&b, p, sizeof(b));
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      return half_bits_to_float(b);
+    } else {
+      return bfloat16_bits_to_float(b);
+    }
+  } else {
+    return *p;
+  }
+}
+
+// *p = v rounded to T as to<T>(v) does (fp16/bf16 through float)
+template <typename T, typename From>
+inline void store_value(T* p, From v) {
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    const float f = static_cast<float>(v);
+    uint16_t b;
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      b = float_to_half_bits(f);
+    } else {
+      b = float_to_bfloat16_bits(f);
+    }
+    std::memcpy(p, &b, sizeof(b));
+  } else {
+    *p = static_cast<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// runtime ISA dispatch
+// ---------------------------------------------------------------------------------------------
+// run_vectorised(body) calls body(), compiled twice: for the baseline ISA, and with AVX2 enabled
+// (target attribute + flatten, which inlines body's whole call tree into the AVX2 copy so that its
+// loops are vectorised with 256-bit registers). The AVX2 copy runs only when the CPU and OS support
+// AVX2 (__builtin_cpu_supports checks both), so the binary still runs on any x86-64. Results are
+// bit-identical either way: "avx2" does not enable FMA (and setup.py passes -ffp-contract=off), so
+// both copies perform the same IEEE operations in the same order; only the vector width differs.
+// SPARSE_OPS_CPU_BASELINE=1 in the environment forces the baseline copy (tests compare the two).
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define SPARSE_OPS_AVX2_DISPATCH 1
+template <typename F>
+__attribute__((target("avx2"), flatten)) void run_avx2(const F& body) {
+  body();
+}
+
+inline bool use_avx2() {
+  static const bool yes = [] {
+    const char* force = std::getenv("SPARSE_OPS_CPU_BASELINE");
+    if (force != nullptr && force[0] != '\0' && std::strcmp(force, "0") != 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return yes;
+}
+#endif
+
+template <typename F>
+inline void run_vectorised(const F& body) {
+#ifdef SPARSE_OPS_AVX2_DISPATCH
+  if (use_avx2()) {
+    run_avx2(body);
     return;
   }
-  if (magnitude == 0) u = 0;  // -0 -> +0
-  // negative: flip every bit; positive: set the sign bit (branch-free: signs are unpredictable)
-  const U flip = static_cast<U>(static_cast<U>(U(0) - static_cast<U>(u >> (kBits - 1))) | kSign);
-  const U key = static_cast<U>(u ^ flip);
-  const int shift = kBits - kRadixBits * (level + 1);
-  if (level > 0 && static_cast<uint64_t>(key >> (shift + kRadixBits)) != prefix) return;
-  ++hist[(key >> shift) & (kRadixBins - 1)];
+#endif
+  body();
 }
 
-// Level-0 histogram update (no prefix filter): the fused step emits these for the next keys.
-template <typename T>
-inline void histogram_add0(T v, int64_t* hist) {
-  histogram_add<T>(v, 0, 0, false, hist);
+// ---------------------------------------------------------------------------------------------
+// exp
+// ---------------------------------------------------------------------------------------------
+// expf without calls or branches (so loops using it vectorise): Cody-Waite reduction x = n·ln2 + r,
+// |r| ≤ ln2/2, Cephes' degree-6 polynomial for e^r (about 1 ulp), then ·2^n as two exact powers
+// of two (each exponent in [-63, 64], so no step overflows or goes subnormal early).
+// exp(x) = +inf for x > 88.7228 (past log(FLT_MAX)), 0 for x < -87.3365 (where e^x would be
+// subnormal; the callers add it to 1, so flushing loses nothing), NaN for NaN.
+inline float exp_f32(float x) {
+  constexpr float kHi = 88.72283935546875f;   // > log(FLT_MAX): e^x overflows beyond
+  constexpr float kLo = -87.33654022216797f;  // ≈ log(FLT_MIN)
+  constexpr float kShift = 12582912.0f;       // 1.5·2^23: adding it rounds to an integer
+  const bool over = x > kHi, under = x < kLo;  // both false for NaN: it passes through
+  float xc = select_f32(over, kHi, x);
+  xc = select_f32(under, kLo, xc);
+  const float t = xc * 1.44269504088896341f + kShift;
+  const float n = t - kShift;  // round(x·log2 e), in [-126, 128]
+  const int32_t ni = bit_cast<int32_t>(t) - bit_cast<int32_t>(kShift);
+  float r = xc - n * 0.693359375f;  // ln2 split in two (Cephes C1, C2): n·C1 is exact
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const int32_t n1 = ni >> 1, n2 = ni - n1;  // unsigned shifts below: no UB when x is NaN
+  const float scale1 = bit_cast<float>(static_cast<uint32_t>(n1 + 127) << 23);
+  const float scale2 = bit_cast<float>(static_cast<uint32_t>(n2 + 127) << 23);
+  float y = (p * scale1) * scale2;
+  y = select_f32(over, INFINITY, y);
+  y = select_f32(under, 0.0f, y);
+  return y;
 }
 
-// Per-thread histograms merged under a lock (at::parallel_for gives each thread one chunk).
-struct HistogramMerger {
-  int64_t total[kHistSlots] = {};
-  std::mutex lock;
-  void merge(const int64_t* local) {
-    std::lock_guard<std::mutex> guard(lock);
-    for (int i = 0; i < kHistSlots; ++i) total[i] += local[i];
+template <typename C>
+inline C exp_fast(C x) {
+  if constexpr (std::is_same_v<C, float>) {
+    return exp_f32(x);
+  } else {
+    return std::exp(x);
   }
-};
+}
 
-// Mixture Gaussian prior (sparse_ops/prior.py): constants computed in double on the host, then
-// rounded to the compute type like Python scalars combined with a float tensor.
+// ---------------------------------------------------------------------------------------------
+// Mixture Gaussian prior (sparse_ops/prior.py)
+// ---------------------------------------------------------------------------------------------
+// Constants computed in double on the host, then rounded to the compute type like Python scalars
+// combined with a float tensor.
 template <typename C>
 struct Prior {
   C c1, c2, inv0, inv1, scale;
@@ -122,14 +298,126 @@ inline Prior<C> make_prior(double lam, double var0, double var1, double scale) {
 
 // scale·θ·(p0/v0 + (1−p0)/v1) with p0 = 1/(1+exp(c2θ²+c1)): exp overflows to inf (p0 = 0) or
 // underflows to 0 (p0 = 1), never NaN for finite θ and finite constants. Same operation order as
-// mgp_prior_grad_ref.
+// mgp_prior_grad_ref. Pass the constants by value (a loop's locals), so stores cannot alias them.
 template <typename C>
-inline C prior_grad(C theta, const Prior<C>& p) {
+inline C prior_grad(C theta, Prior<C> p) {
   const C z = p.c2 * theta * theta + p.c1;
-  const C p0 = C(1) / (C(1) + std::exp(z));
+  const C p0 = C(1) / (C(1) + exp_fast<C>(z));
   return p.scale * theta * (p0 * p.inv0 + (C(1) - p0) * p.inv1);
 }
 
+// ---------------------------------------------------------------------------------------------
+// radix histograms
+// ---------------------------------------------------------------------------------------------
+// Histogram slot of every element of x[0, n) (reference.order_keys + radix_histogram_ref): key =
+// sign-flip transform of the bits (canonical +0; of |x| when Absolute); at Level0 the slot is the
+// top digit, NaN -> kNanBin; deeper, the digit at `shift` when the key's higher digits equal
+// `prefix`, else kNanBin as a discard slot (the caller clears it). Branch-free, vectorises.
+template <typename T, bool Absolute, bool Level0>
+inline void radix_slots(const T* __restrict__ x, uint16_t* __restrict__ slots, int64_t n, int shift,
+                        typename FloatBits<T>::U prefix) {
+  using U = typename FloatBits<T>::U;
+  constexpr int kBits = key_bits<T>();
+  constexpr U kSign = static_cast<U>(U(1) << (kBits - 1));
+  constexpr U kInf = FloatBits<T>::kInf;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, x + i, sizeof(U));
+    if (Absolute) u = static_cast<U>(u & static_cast<U>(~kSign));
+    const U magnitude = static_cast<U>(u & static_cast<U>(~kSign));
+    const bool nan = magnitude > kInf;
+    u = magnitude == 0 ? U(0) : u;  // -0 -> +0
+    // negative: flip every bit; positive: set the sign bit
+    const U flip = static_cast<U>(static_cast<U>(U(0) - static_cast<U>(u >> (kBits - 1))) | kSign);
+    const U key = static_cast<U>(u ^ flip);
+    const uint16_t digit = static_cast<uint16_t>((key >> shift) & U(kRadixBins - 1));
+    if (Level0) {
+      slots[i] = nan ? uint16_t(kNanBin) : digit;
+    } else {
+      const bool match = !nan & (static_cast<U>(key >> (shift + kRadixBits)) == prefix);
+      slots[i] = match ? digit : uint16_t(kNanBin);
+    }
+  }
+}
+
+// One thread's histogram: 8 interleaved copies, because consecutive keys often share a digit and
+// one counter would serialise the increments on store-to-load latency.
+struct LocalHistogram {
+  static constexpr int kCopies = 8;
+  static constexpr int kStride = kHistSlots + 7;  // padding: copies start on different cache lines
+  int64_t count[kCopies][kStride];
+
+  LocalHistogram() { std::memset(count, 0, sizeof(count)); }
+
+  void add(const uint16_t* __restrict__ slots, int64_t n) {
+    int64_t i = 0;
+    for (; i + kCopies <= n; i += kCopies) {
+      for (int c = 0; c < kCopies; ++c) ++count[c][slots[i + c]];
+    }
+    for (; i < n; ++i) ++count[0][slots[i]];
+  }
+
+  // The same counts for slots where kNanBin is a discard slot (radix levels > 0). Deep levels
+  // keep few keys (those matching the prefix), so runs of 64 discards are skipped instead of
+  // counted; where more than 1 key in 32 is kept, nearly every run holds one, and all are counted.
+  void add_skipping_discards(const uint16_t* __restrict__ slots, int64_t n) {
+
+    uint32_t kept = 0;  // n ≤ kChunk
+    for (int64_t i = 0; i < n; ++i) kept += slots[i] != kNanBin;
+    if (kept == 0) return;
+    if (32 * kept > n) {
+      add(slots, n);
+      return;
+    }
+    constexpr int64_t kRun = 64;
+    int64_t i = 0;
+    for (; i + kRun <= n; i += kRun) {
+      uint16_t any = 0;
+      for (int64_t j = 0; j < kRun; ++j) any |= static_cast<uint16_t>(slots[i + j] ^ kNanBin);
+      if (any != 0) add(slots + i, kRun);
+    }
+    add(slots + i, n - i);
+  }
+
+  // Sum of the copies, kHistSlots values.
+  void total(int64_t* out) const {
+    for (int b = 0; b < kHistSlots; ++b) {
+      int64_t s = 0;
+      for (int c = 0; c < kCopies; ++c) s += count[c][b];
+      out[b] = s;
+    }
+  }
+
+  // Level-0 histogram of the order keys of x[0, n) (the fused step's histogram of the next keys).
+  template <typename T>
+  void add_level0(const T* x, int64_t n) {
+    uint16_t slots[kChunk];
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      const int64_t len = std::min(kChunk, n - i0);
+      radix_slots<T, false, true>(x + i0, slots, len, key_bits<T>() - kRadixBits, 0);
+      add(slots, len);
+    }
+  }
+};
+
+// Per-thread histograms merged under a lock (at::parallel_for gives each thread one chunk).
+struct HistogramMerger {
+  int64_t total[kHistSlots] = {};
+  std::mutex lock;
+  void merge(const int64_t* local) {
+    std::lock_guard<std::mutex> guard(lock);
+    for (int i = 0; i < kHistSlots; ++i) total[i] += local[i];
+  }
+  void merge(const LocalHistogram& local) {
+    int64_t sum[kHistSlots];
+    local.total(sum);
+    merge(sum);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// argument checks
+// ---------------------------------------------------------------------------------------------
 inline void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }

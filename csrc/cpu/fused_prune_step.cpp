@@ -9,15 +9,25 @@
 //                      soft_movement keeps key > threshold only); threshold is rounded to the key's
 //                      dtype first. 2:4: the 2 largest keys of each group (lower index pruned first
 //                      among equal keys).
-//   scores -= score_lr·grad·weight                 (when scores given and score_lr != 0; raw grad)
-//   grad    = grad·keep (mask_grad) + prior_scale·∂[−log π](weight)   (prior when prior_scale != 0)
-//   weight *= keep (mask_weight);  mask = keep
+//   scores  = s − score_lr·(g·w + sigmoid_l1·σ(s)·(1−σ(s)))   (when scores given and score_lr != 0;
+//                      raw grad and weight; the σ term only when sigmoid_l1 != 0)
+//   grad    = grad.masked_fill(~keep, 0) (mask_grad) + prior_scale·∂[−log π](weight)
+//                      (prior when prior_scale != 0; pruned entries become +0 even if NaN/inf)
+//   weight.masked_fill_(~keep, 0) (mask_weight);  mask = keep
 //   histogram += level-0 radix histogram of the next keys (keys of the updated scores)
 //
 // Math in float32 (float64 for float64 weight), results rounded to each tensor's dtype. Inputs
 // may be non-contiguous: the kernel runs on contiguous copies and copies results back in place.
+//
+// Speed: each thread walks its range in chunks of kChunk elements. Per chunk, the keep decision is
+// written to the mask, then a few specialised loops (flags as template parameters, no branches in
+// the loop bodies; see common.h) update scores, grad and weight while the chunk is in L1, and the
+// level-0 histogram of the new scores goes into the thread's private histogram (merged once).
+// exp() (the prior, sigmoid) is common.h's exp_fast, within about 1 ulp of expf: the prior and the
+// σ term agree with the reference to a few ulps; with sigmoid_l1 == 0 scores are bit-identical.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -31,147 +41,257 @@ enum class Granularity { kElement, kBlock, kTwoFour };
 struct Rule {
   bool movement;  // keys come from scores
   bool strict;    // soft_movement: key > threshold only
+  bool reuse;     // keep = the mask passed in (no keys, no threshold), for every granularity
   double threshold;
   int64_t tie_cut;
   int64_t index_offset;
 
+  // torch.tensor(threshold, dtype=key dtype), in the key's compute type (exact)
   template <typename K>
-  double threshold_as() const {
-    return static_cast<double>(to<K>(threshold));  // torch.tensor(threshold, dtype=key dtype)
+  compute_t<K> threshold_as() const {
+    return static_cast<compute_t<K>>(to<K>(threshold));
   }
-  // `key` and `thr` are exact images of values of the key dtype. Branch-free (bitwise ops): keep
-  // decisions are data dependent and would be mispredicted.
+  // Keys at global indices ≥ tie_cut tie-break as kept: among positions [i0, i0 + n), those from the
+  // returned offset on keep key >= threshold, those before it key > threshold only.
+  int64_t tie_split(int64_t i0, int64_t n) const {
+    if (strict) return n;
+    const int64_t first = tie_cut - index_offset - i0;  // no overflow: all three are ≥ 0
+    return std::clamp<int64_t>(first, 0, n);
+  }
+  // One key's decision (block and 2:4 paths): `key` and `thr` are exact images of key-dtype values.
   bool keep(double key, double thr, int64_t index) const {
     return (key > thr) | (!strict & (key == thr) & (index_offset + index >= tie_cut));
   }
 };
 
-// Everything after the mask decision, for one element (same operation order as the reference).
+// ---------------------------------------------------------------------------------------------
+// Vectorisable passes over one chunk (all pointers already offset to the chunk's start). Each
+// pass has its runtime flags as template parameters, so its loop body has no branches.
+// ---------------------------------------------------------------------------------------------
+
+// keep[i] = key > thr for i < split, key >= thr from split on; key = |x| (Abs) or x. NaN: never.
+template <typename K, bool Abs>
+void keep_pass(const K* __restrict__ x, uint8_t* __restrict__ keep, int64_t n, int64_t split, compute_t<K> thr) {
+  using C = compute_t<K>;
+  for (int64_t i = 0; i < split; ++i) {
+    const C k = Abs ? std::abs(load_value(x + i)) : load_value(x + i);
+    keep[i] = k > thr;
+  }
+  for (int64_t i = split; i < n; ++i) {
+    const C k = Abs ? std::abs(load_value(x + i)) : load_value(x + i);
+    keep[i] = k >= thr;
+  }
+}
+
+// scores = s − score_lr·(g·w [+ sigmoid_l1·σ(s)·(1−σ(s))]), raw grad (the reference's order)
+template <typename W, typename S, bool Sigmoid>
+void score_pass(const W* __restrict__ w, const W* __restrict__ g, S* __restrict__ s, int64_t n,
+                compute_t<W> lr, compute_t<W> l1) {
+  using C = compute_t<W>;
+  for (int64_t i = 0; i < n; ++i) {
+    const C sc = static_cast<C>(load_value(s + i));
+    C score_grad = load_value(g + i) * load_value(w + i);
+    if (Sigmoid) {
+      const C sig = C(1) / (C(1) + exp_fast<C>(-sc));
+      score_grad = score_grad + l1 * sig * (C(1) - sig);
+    }
+    store_value(s + i, sc - lr * score_grad);
+  }
+}
+
+// x = keep ? x : +0 on the raw bits (masked_fill: NaN and inf included; exact for every dtype)
+template <typename T>
+void zero_pruned(T* __restrict__ x, const uint8_t* __restrict__ keep, int64_t n) {
+  using U = typename FloatBits<T>::U;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, x + i, sizeof(U));
+    u = keep[i] ? u : U(0);
+    std::memcpy(x + i, &u, sizeof(U));
+  }
+}
+
+// grad = (mask_grad ? (keep ? g : 0) : g) + prior(w)
+template <typename W, bool MaskGrad>
+void prior_pass(const W* __restrict__ w, W* __restrict__ g, const uint8_t* __restrict__ keep, int64_t n,
+                Prior<compute_t<W>> prior) {
+  using C = compute_t<W>;
+  for (int64_t i = 0; i < n; ++i) {
+    const C gi = load_value(g + i);
+    const C masked = MaskGrad ? select_value<C>(keep[i] != 0, gi, C(0)) : gi;
+    store_value(g + i, masked + prior_grad<C>(load_value(w + i), prior));
+  }
+}
+
+// Everything after the mask decision, over elements [i0, i0 + n) whose keep flags are in mask
+// (same operation order as the reference: scores from the raw grad and weight, then grad, then
+// weight).
 template <typename W, typename S>
-struct ElementUpdate {
+struct Update {
   using C = compute_t<W>;
   W* weight;
   W* grad;
   S* scores;  // nullptr when absent
-  bool* mask;
+  uint8_t* mask;
   bool update_scores;
+  bool sigmoid;  // sigmoid_l1 != 0
   C score_lr;
+  C sigmoid_l1;
   bool mask_grad;
   bool has_prior;
   Prior<C> prior;
   bool mask_weight;
 
-  inline void apply(int64_t i, bool keep) const {
-    const C w = static_cast<C>(weight[i]);
-    const C g = static_cast<C>(grad[i]);
-    const C k = static_cast<C>(keep);
-    if (update_scores) scores[i] = to<S>(static_cast<C>(scores[i]) - score_lr * g * w);
-    C new_grad = mask_grad ? g * k : g;
-    if (has_prior) new_grad = new_grad + prior_grad<C>(w, prior);
-    grad[i] = to<W>(new_grad);
-    if (mask_weight) weight[i] = to<W>(w * k);
-    mask[i] = keep;
-  }
-
-  inline double element_key(int64_t i, bool movement) const {
-    return movement ? static_cast<double>(scores[i]) : std::abs(static_cast<double>(weight[i]));
+  void run(int64_t i0, int64_t n) const {
+    W* w = weight + i0;
+    W* g = grad + i0;
+    const uint8_t* keep = mask + i0;
+    if (update_scores) {
+      if (sigmoid) {
+        score_pass<W, S, true>(w, g, scores + i0, n, score_lr, sigmoid_l1);
+      } else {
+        score_pass<W, S, false>(w, g, scores + i0, n, score_lr, sigmoid_l1);
+      }
+    }
+    if (has_prior) {
+      if (mask_grad) {
+        prior_pass<W, true>(w, g, keep, n, prior);
+      } else {
+        prior_pass<W, false>(w, g, keep, n, prior);
+      }
+    } else if (mask_grad) {
+      zero_pruned<W>(g, keep, n);
+    }
+    if (mask_weight) zero_pruned<W>(w, keep, n);
   }
 };
 
 template <typename W, typename S>
-void run_element(const ElementUpdate<W, S>& up, int64_t n, const Rule& rule, HistogramMerger* merger) {
-  const double thr = rule.movement ? rule.threshold_as<S>() : rule.threshold_as<W>();
+void run_element(const Update<W, S>& up, int64_t n, const Rule& rule, HistogramMerger* merger) {
+  const compute_t<W> thr_w = rule.threshold_as<W>();
+  const compute_t<S> thr_s = rule.threshold_as<S>();
   at::parallel_for(0, n, at::internal::GRAIN_SIZE / 4, [&](int64_t begin, int64_t end) {
-    // local copies: the compiler need not reload them after every store through bool*/T*
-    const ElementUpdate<W, S> u = up;
+    const Update<W, S> u = up;
     const Rule r = rule;
-    const bool hist = merger != nullptr;
-    int64_t local[kHistSlots] = {};
-    for (int64_t i = begin; i < end; ++i) {
-      u.apply(i, r.keep(u.element_key(i, r.movement), thr, i));
-      if (hist) histogram_add0<S>(u.scores[i], local);
-    }
+    LocalHistogram local;
+    run_vectorised([&] {
+      for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+        const int64_t len = std::min(kChunk, end - i0);
+        const int64_t split = r.tie_split(i0, len);
+        if (r.reuse) {
+          // keep flags are already in the mask
+        } else if (r.movement) {
+          keep_pass<S, false>(u.scores + i0, u.mask + i0, len, split, thr_s);
+        } else {
+          keep_pass<W, true>(u.weight + i0, u.mask + i0, len, split, thr_w);
+        }
+        u.run(i0, len);
+        if (merger != nullptr) local.add_level0<S>(u.scores + i0, len);
+      }
+    });
     if (merger != nullptr) merger->merge(local);
   });
 }
 
 template <typename W, typename S>
-void run_two_four(const ElementUpdate<W, S>& up, int64_t n, const Rule& rule, HistogramMerger* merger) {
+void run_two_four(const Update<W, S>& up, int64_t n, const Rule& rule, HistogramMerger* merger) {
+  // chunks of whole groups of 4
   at::parallel_for(0, n / 4, at::internal::GRAIN_SIZE / 16, [&](int64_t begin, int64_t end) {
-    const ElementUpdate<W, S> u = up;
+    const Update<W, S> u = up;
     const bool movement = rule.movement;
-    int64_t local[kHistSlots] = {};
-    for (int64_t group = begin; group < end; ++group) {
-      const int64_t base = 4 * group;
-      double key[4];
-      for (int j = 0; j < 4; ++j) key[j] = u.element_key(base + j, movement);
-      for (int i = 0; i < 4; ++i) {
-        int before = 0;  // members ordered before i by (key, index)
-        for (int j = 0; j < 4; ++j) before += (key[j] < key[i]) | ((key[j] == key[i]) & (j < i));
-        u.apply(base + i, before >= 2);
+    const bool reuse = rule.reuse;
+    LocalHistogram local;
+    constexpr int64_t kGroups = kChunk / 4;
+    run_vectorised([&] {
+      for (int64_t g0 = begin; g0 < end; g0 += kGroups) {
+        const int64_t g1 = std::min(end, g0 + kGroups);
+        for (int64_t group = g0; group < g1 && !reuse; ++group) {
+          const int64_t base = 4 * group;
+          double key[4];
+          for (int j = 0; j < 4; ++j) {
+            key[j] = movement ? static_cast<double>(load_value(u.scores + base + j))
+                              : std::abs(static_cast<double>(load_value(u.weight + base + j)));
+          }
+          for (int i = 0; i < 4; ++i) {
+            int before = 0;  // members ordered before i by (key, index)
+            for (int j = 0; j < 4; ++j) before += (key[j] < key[i]) | ((key[j] == key[i]) & (j < i));
+            u.mask[base + i] = before >= 2;
+          }
+        }
+        const int64_t i0 = 4 * g0, len = 4 * (g1 - g0);
+        u.run(i0, len);
+        if (merger != nullptr) local.add_level0<S>(u.scores + i0, len);
       }
-      if (merger != nullptr) {
-        for (int j = 0; j < 4; ++j) histogram_add0<S>(u.scores[base + j], local);
-      }
-    }
+    });
     if (merger != nullptr) merger->merge(local);
   });
 }
 
 template <typename W, typename S>
-void run_block(const ElementUpdate<W, S>& up, int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols,
+void run_block(const Update<W, S>& up, int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols,
                const Rule& rule, HistogramMerger* merger) {
   const int64_t n_block_rows = (rows + block_rows - 1) / block_rows;
   const int64_t n_block_cols = (cols + block_cols - 1) / block_cols;
   const double thr = rule.threshold_as<float>();
   at::parallel_for(0, n_block_rows, 1, [&](int64_t begin, int64_t end) {
-    const ElementUpdate<W, S> u = up;
+    const Update<W, S> u = up;
     std::vector<double> sums(n_block_cols);
-    std::vector<char> keep(n_block_cols);
+    std::vector<uint8_t> keep(n_block_cols);
     int64_t local[kHistSlots] = {};
-    for (int64_t br = begin; br < end; ++br) {
-      const int64_t r0 = br * block_rows, r1 = std::min(rows, r0 + block_rows);
-      // 1) block keys at entry: Σw² or Σscores in float64, rounded once to float32
-      std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t row = r * cols;
-        for (int64_t bc = 0; bc < n_block_cols; ++bc) {
-          const int64_t c0 = bc * block_cols, c1 = std::min(cols, c0 + block_cols);
-          double s = sums[bc];
-          if (rule.movement) {
-            for (int64_t c = c0; c < c1; ++c) s += static_cast<double>(u.scores[row + c]);
-          } else {
-            for (int64_t c = c0; c < c1; ++c) {
-              const double w = static_cast<double>(u.weight[row + c]);
-              s += w * w;
-            }
-          }
-          sums[bc] = s;
-        }
-      }
-      for (int64_t bc = 0; bc < n_block_cols; ++bc) {
-        const double key = static_cast<double>(static_cast<float>(sums[bc]));
-        keep[bc] = rule.keep(key, thr, br * n_block_cols + bc);
-      }
-      // 2) the update, block row still in cache; block sums of the updated scores for the histogram
-      std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t row = r * cols;
-        for (int64_t bc = 0; bc < n_block_cols; ++bc) {
-          const int64_t c0 = bc * block_cols, c1 = std::min(cols, c0 + block_cols);
-          const bool k = keep[bc];
-          for (int64_t c = c0; c < c1; ++c) u.apply(row + c, k);
-          if (merger != nullptr) {
+    run_vectorised([&] {
+      for (int64_t br = begin; br < end; ++br) {
+        const int64_t r0 = br * block_rows, r1 = std::min(rows, r0 + block_rows);
+        // 1) block keys at entry: Σw² or Σscores in float64, rounded once to float32
+        std::fill(sums.begin(), sums.end(), 0.0);
+        for (int64_t r = r0; r < r1 && !rule.reuse; ++r) {
+          const int64_t row = r * cols;
+          for (int64_t bc = 0; bc < n_block_cols; ++bc) {
+            const int64_t c0 = bc * block_cols, c1 = std::min(cols, c0 + block_cols);
             double s = sums[bc];
-            for (int64_t c = c0; c < c1; ++c) s += static_cast<double>(u.scores[row + c]);
+            if (rule.movement) {
+              for (int64_t c = c0; c < c1; ++c) s += static_cast<double>(load_value(u.scores + row + c));
+            } else {
+              for (int64_t c = c0; c < c1; ++c) {
+                const double w = static_cast<double>(load_value(u.weight + row + c));
+                s += w * w;
+              }
+            }
             sums[bc] = s;
           }
         }
+        for (int64_t bc = 0; bc < n_block_cols; ++bc) {
+          const double key = static_cast<double>(static_cast<float>(sums[bc]));
+          keep[bc] = rule.keep(key, thr, br * n_block_cols + bc);
+        }
+        // 2) the update, row by row (block row still in cache); block sums of the updated scores
+        std::fill(sums.begin(), sums.end(), 0.0);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t row = r * cols;
+          for (int64_t bc = 0; bc < n_block_cols && !rule.reuse; ++bc) {
+            const int64_t c0 = bc * block_cols, c1 = std::min(cols, c0 + block_cols);
+            std::memset(u.mask + row + c0, keep[bc], static_cast<size_t>(c1 - c0));
+          }
+          for (int64_t c0 = 0; c0 < cols; c0 += kChunk) u.run(row + c0, std::min(kChunk, cols - c0));
+          if (merger != nullptr) {
+            for (int64_t bc = 0; bc < n_block_cols; ++bc) {
+              const int64_t c0 = bc * block_cols, c1 = std::min(cols, c0 + block_cols);
+              double s = sums[bc];
+              for (int64_t c = c0; c < c1; ++c) s += static_cast<double>(load_value(u.scores + row + c));
+              sums[bc] = s;
+            }
+          }
+        }
+        if (merger != nullptr) {
+          // level-0 histogram of the float32 block keys of the updated scores
+          uint16_t slots[1];
+          for (int64_t bc = 0; bc < n_block_cols; ++bc) {
+            const float key = static_cast<float>(sums[bc]);
+            radix_slots<float, false, true>(&key, slots, 1, 32 - kRadixBits, 0);
+            ++local[slots[0]];
+          }
+        }
       }
-      if (merger != nullptr) {
-        for (int64_t bc = 0; bc < n_block_cols; ++bc) histogram_add0<float>(static_cast<float>(sums[bc]), local);
-      }
-    }
+    });
     if (merger != nullptr) merger->merge(local);
   });
 }
@@ -182,11 +302,13 @@ void check_like(const at::Tensor& t, const at::Tensor& weight, const char* name)
               t.sizes());
 }
 
+// The op as its schema (sparse_ops/ops.py) defines it; reuse_mask: keep = the mask passed in.
 void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, const std::optional<at::Tensor>& scores,
-                          const at::Tensor& mask, const std::optional<at::Tensor>& histogram, c10::string_view method,
-                          c10::string_view granularity, int64_t block_rows, int64_t block_cols, double threshold,
-                          int64_t tie_cut, int64_t index_offset, double prior_scale, double lam, double var0,
-                          double var1, double score_lr, bool mask_grad, bool mask_weight) {
+                           const at::Tensor& mask, const std::optional<at::Tensor>& histogram, c10::string_view method,
+                           c10::string_view granularity, int64_t block_rows, int64_t block_cols, double threshold,
+                           int64_t tie_cut, int64_t index_offset, double prior_scale, double lam, double var0,
+                           double var1, double score_lr, double sigmoid_l1, bool mask_grad, bool mask_weight,
+                           bool reuse_mask) {
   const bool movement = method == "movement" || method == "soft_movement";
   TORCH_CHECK(movement || method == "magnitude" || method == "mgpp",
               "method must be one of magnitude, mgpp, movement, soft_movement, got '", std::string(method), "'");
@@ -235,6 +357,9 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
                 weight.size(-1));
   }
   TORCH_CHECK(!std::isnan(threshold), "threshold must not be NaN");
+  TORCH_CHECK(std::isfinite(score_lr) && std::isfinite(sigmoid_l1) && std::isfinite(prior_scale),
+              "score_lr, sigmoid_l1 and prior_scale must be finite, got ", score_lr, ", ", sigmoid_l1, ", ",
+              prior_scale);
   TORCH_CHECK(tie_cut >= 0 && index_offset >= 0, "tie_cut and index_offset must be non-negative, got ", tie_cut,
               " and ", index_offset);
   const bool has_prior = prior_scale != 0.0;
@@ -250,7 +375,7 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
   const at::Tensor g = grad.contiguous();
   const at::Tensor m = mask.contiguous();
   const at::Tensor s = has_scores ? scores->contiguous() : at::Tensor();
-  const Rule rule{movement, method == "soft_movement", threshold, tie_cut, index_offset};
+  const Rule rule{movement, method == "soft_movement", reuse_mask, threshold, tie_cut, index_offset};
   HistogramMerger merger;
   HistogramMerger* merger_ptr = has_hist ? &merger : nullptr;
   const at::ScalarType score_dtype = has_scores ? s.scalar_type() : weight.scalar_type();
@@ -260,16 +385,18 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
     using C = compute_t<W>;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, score_dtype, "fused_prune_step_cpu_scores", [&] {
       using S = scalar_t;
-      ElementUpdate<W, S> up{w.mutable_data_ptr<W>(),
-                             g.mutable_data_ptr<W>(),
-                             has_scores ? s.mutable_data_ptr<S>() : nullptr,
-                             m.mutable_data_ptr<bool>(),
-                             update_scores,
-                             static_cast<C>(score_lr),
-                             mask_grad,
-                             has_prior,
-                             has_prior ? make_prior<C>(lam, var0, var1, prior_scale) : Prior<C>{},
-                             mask_weight};
+      Update<W, S> up{w.mutable_data_ptr<W>(),
+                      g.mutable_data_ptr<W>(),
+                      has_scores ? s.mutable_data_ptr<S>() : nullptr,
+                      reinterpret_cast<uint8_t*>(m.mutable_data_ptr<bool>()),
+                      update_scores,
+                      sigmoid_l1 != 0.0,
+                      static_cast<C>(score_lr),
+                      static_cast<C>(sigmoid_l1),
+                      mask_grad,
+                      has_prior,
+                      has_prior ? make_prior<C>(lam, var0, var1, prior_scale) : Prior<C>{},
+                      mask_weight};
       switch (gran) {
         case Granularity::kElement:
           run_element<W, S>(up, w.numel(), rule, merger_ptr);

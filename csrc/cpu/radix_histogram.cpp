@@ -4,7 +4,8 @@
 // int64[257] histogram of the 8-bit digit `level` (0 = most significant) of the order keys of all
 // tensors in xs (keys of |x| when absolute), counting only keys whose higher digits equal
 // state[0] when level > 0; slot 256 counts NaN at level 0. Exact: per-thread int64 histograms
-// merged at the end.
+// merged at the end. The key transform and digit extraction are branch-free and vectorised
+// (common.h radix_slots); only the counting is scalar.
 #include <torch/library.h>
 
 #include "common.h"
@@ -12,23 +13,48 @@
 namespace sparse_ops {
 namespace {
 
-template <typename T>
-void histogram_tensor(const T* data, int64_t n, int level, uint64_t prefix, bool absolute,
+// Chunks of kChunk elements: slots computed by a vectorised, branch-free pass (radix_slots), then
+// counted into the thread's private LocalHistogram; one merge per thread and tensor.
+template <typename T, bool Absolute, bool Level0>
+void histogram_chunks(const T* data, int64_t n, int shift, typename FloatBits<T>::U prefix,
                       HistogramMerger& merger) {
   at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    // 4 interleaved copies: consecutive keys often share a digit, and one counter would serialise
-    // the increments on store-to-load latency.
-    int64_t local[4][kHistSlots] = {};
-    int64_t i = begin;
-    for (; i + 4 <= end; i += 4) {
-      for (int j = 0; j < 4; ++j) histogram_add<T>(data[i + j], level, prefix, absolute, local[j]);
-    }
-    for (; i < end; ++i) histogram_add<T>(data[i], level, prefix, absolute, local[0]);
-    for (int j = 1; j < 4; ++j) {
-      for (int b = 0; b < kHistSlots; ++b) local[0][b] += local[j][b];
-    }
-    merger.merge(local[0]);
+    LocalHistogram local;
+    uint16_t slots[kChunk];
+    run_vectorised([&] {
+      for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+        const int64_t len = std::min(kChunk, end - i0);
+        radix_slots<T, Absolute, Level0>(data + i0, slots, len, shift, prefix);
+        if (Level0) {
+          local.add(slots, len);
+        } else {
+          local.add_skipping_discards(slots, len);
+        }
+      }
+    });
+    int64_t sum[kHistSlots];
+    local.total(sum);
+    if (!Level0) sum[kNanBin] = 0;  // the discard slot of keys outside the prefix
+    merger.merge(sum);
   });
+}
+
+template <typename T>
+void histogram_tensor(const T* data, int64_t n, int level, uint64_t prefix, bool absolute, HistogramMerger& merger) {
+  using U = typename FloatBits<T>::U;
+  constexpr int kBits = key_bits<T>();
+  const int shift = kBits - kRadixBits * (level + 1);
+  if (level > 0 && kBits - shift - kRadixBits < 64 && (prefix >> (kBits - shift - kRadixBits)) != 0) {
+    return;  // the prefix has more bits than a key's higher digits: nothing matches
+  }
+  const U p = static_cast<U>(prefix);
+  if (level == 0) {
+    absolute ? histogram_chunks<T, true, true>(data, n, shift, p, merger)
+             : histogram_chunks<T, false, true>(data, n, shift, p, merger);
+  } else {
+    absolute ? histogram_chunks<T, true, false>(data, n, shift, p, merger)
+             : histogram_chunks<T, false, false>(data, n, shift, p, merger);
+  }
 }
 
 at::Tensor radix_histogram_cpu(at::TensorList xs, const at::Tensor& state, int64_t level, bool absolute) {
