@@ -315,3 +315,19 @@ def print_table(rows: list[dict]) -> None:
             text = "-" if v is None or v == "" else f"{v:.4g}" if isinstance(v, float) else str(v)
             cells.append(text[:w].ljust(w))
         print(" ".join(cells) + (f"  [{r['note']}]" if r.get("note") else ""))
+
+
+def finish(rows: list[dict], args: argparse.Namespace, env: dict, copy_gbps: float, notes: list[str], name: str,
+           title: str, **meta_extra) -> None:
+    """Speed-ups vs eager, the busy note, JSON/CSV/PNG under args.out, and the printed table."""
+    add_speedups(rows, "eager")
+    notes = notes + busy_note()
+    name += "_quick" if args.quick else ""
+    meta = run_meta(env, args, copy_gbps=copy_gbps, **meta_extra)
+    paths = write_results(rows, args.out, name, meta=meta, notes=notes, title=title)
+    print()
+    print_table(rows)
+    print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
+    for n in notes:
+        print("NOTE:", n)
+    print("wrote", *paths)

@@ -231,19 +231,8 @@ def main() -> None:
             rows += bench_method(args, env, state, set_name, method, copy_gbps)
         del state
 
-    C.add_speedups(rows, "eager")
-    notes += C.busy_note()
-    name = f"fused_prune_step_{args.dtype}" + ("_quick" if args.quick else "")
-    meta = C.run_meta(env, args, copy_gbps=copy_gbps, sparsity=args.sparsity)
-    paths = C.write_results(rows, args.out, name, meta=meta, notes=notes,
-                            title=f"fused prune step, {args.dtype}, {env['device']}")
-    print()
-    C.print_table(rows)
-    print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
-    for n in notes:
-        print("NOTE:", n)
-    print("wrote", *paths)
-
+    C.finish(rows, args, env, copy_gbps, notes, f"fused_prune_step_{args.dtype}",
+             f"fused prune step, {args.dtype}, {env['device']}", sparsity=args.sparsity)
 
 if __name__ == "__main__":
     main()

@@ -97,18 +97,7 @@ def main() -> None:
         xs = [t.view(shape) for t, shape in zip(flat.to(dtype).split([r * c for r, c in shapes]), shapes)]
         rows += bench(args, env, copy_gbps, set_name, xs, numel, dtype, variants_multi(k), "multi")
 
-    C.add_speedups(rows, "eager")
-    notes += C.busy_note()
-    name = "kthvalue" + ("_quick" if args.quick else "")
-    meta = C.run_meta(env, args, copy_gbps=copy_gbps, k=k)
-    paths = C.write_results(rows, args.out, name, meta=meta, notes=notes, title=f"kthvalue, k=0.9·n, {env['device']}")
-    print()
-    C.print_table(rows)
-    print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
-    for n in notes:
-        print("NOTE:", n)
-    print("wrote", *paths)
-
+    C.finish(rows, args, env, copy_gbps, notes, "kthvalue", f"kthvalue, k=0.9·n, {env['device']}", k=k)
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,29 @@ def _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr
 
 
 @triton.jit
+def _load(w_ptr, g_ptr, s_ptr, offs, inside, HAS_SCORES: tl.constexpr):
+    """Raw weight, grad and scores (the weight stands in for absent scores)."""
+    w_raw = tl.load(w_ptr + offs, mask=inside, other=0.0)
+    g_raw = tl.load(g_ptr + offs, mask=inside, other=0.0)
+    s_raw = w_raw
+    if HAS_SCORES:
+        s_raw = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    return w_raw, g_raw, s_raw
+
+
+@triton.jit
+def _store(w_ptr, g_ptr, s_ptr, m_ptr, offs, inside, w_new, g_new, s_new, keep,
+           UPDATE_SCORES: tl.constexpr, MASK_WEIGHT: tl.constexpr):
+    """Write grad and mask, and scores and weight where they changed."""
+    tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
+    tl.store(m_ptr + offs, keep, mask=inside)
+    if UPDATE_SCORES:
+        tl.store(s_ptr + offs, s_new, mask=inside)
+    if MASK_WEIGHT:
+        tl.store(w_ptr + offs, w_new, mask=inside)
+
+
+@triton.jit
 def _store_histogram(hist_ptr, keys_raw, valid, KEY_BITS: tl.constexpr, INF_BITS: tl.constexpr,
                      SLOTS: tl.constexpr, NUMEL: tl.constexpr):
     """Add the level-0 digit histogram of the NUMEL float keys (NaN to slot 256) to hist_ptr."""
@@ -84,11 +107,7 @@ def _fused_prune_step_kernel(
     """Element granularity: flat BLOCK elements per program."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    w_raw = tl.load(w_ptr + offs, mask=inside, other=0.0)
-    g_raw = tl.load(g_ptr + offs, mask=inside, other=0.0)
-    s_raw = w_raw
-    if HAS_SCORES:
-        s_raw = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    w_raw, g_raw, s_raw = _load(w_ptr, g_ptr, s_ptr, offs, inside, HAS_SCORES)
     if KEY_FROM_SCORES:
         key = s_raw.to(tl.float32)
     else:
@@ -99,12 +118,7 @@ def _fused_prune_step_kernel(
         keep = _keep(key, threshold, index_offset + offs, tie_cut, STRICT)
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
                                   sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
-    tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
-    tl.store(m_ptr + offs, keep, mask=inside)
-    if UPDATE_SCORES:
-        tl.store(s_ptr + offs, s_new, mask=inside)
-    if MASK_WEIGHT:
-        tl.store(w_ptr + offs, w_new, mask=inside)
+    _store(w_ptr, g_ptr, s_ptr, m_ptr, offs, inside, w_new, g_new, s_new, keep, UPDATE_SCORES, MASK_WEIGHT)
     if EMIT_HIST:
         _store_histogram(hist_ptr, s_new, inside, KEY_BITS, INF_BITS, SLOTS, BLOCK)
 
@@ -126,11 +140,7 @@ def _fused_prune_step_block_kernel(
     c_ok = (c < cols) & (tl.arange(0, TILE_C) < block_cols)
     inside = r_ok[:, None] & c_ok[None, :]
     offs = r[:, None] * cols + c[None, :]
-    w_raw = tl.load(w_ptr + offs, mask=inside, other=0.0)
-    g_raw = tl.load(g_ptr + offs, mask=inside, other=0.0)
-    s_raw = w_raw
-    if HAS_SCORES:
-        s_raw = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    w_raw, g_raw, s_raw = _load(w_ptr, g_ptr, s_ptr, offs, inside, HAS_SCORES)
     if KEY_FROM_SCORES:
         key = tl.sum(tl.sum(s_raw.to(tl.float64), axis=1), axis=0).to(tl.float32)
     else:
@@ -143,12 +153,7 @@ def _fused_prune_step_block_kernel(
         keep = tl.where(keep_block, inside, tl.zeros_like(inside))
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
                                   sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
-    tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
-    tl.store(m_ptr + offs, keep, mask=inside)
-    if UPDATE_SCORES:
-        tl.store(s_ptr + offs, s_new, mask=inside)
-    if MASK_WEIGHT:
-        tl.store(w_ptr + offs, w_new, mask=inside)
+    _store(w_ptr, g_ptr, s_ptr, m_ptr, offs, inside, w_new, g_new, s_new, keep, UPDATE_SCORES, MASK_WEIGHT)
     if EMIT_HIST:
         next_key = tl.sum(tl.sum(tl.where(inside, s_new.to(tl.float64), 0.0), axis=1), axis=0).to(tl.float32)
         first = tl.arange(0, 2) == 0  # the block's one key, as a 2-lane vector for the histogram
@@ -167,11 +172,7 @@ def _fused_prune_step_24_kernel(
     lane = tl.arange(0, 4)
     offs = g_idx[:, None] * 4 + lane[None, :]
     inside = (g_idx < groups)[:, None] & (lane < 4)[None, :]
-    w_raw = tl.load(w_ptr + offs, mask=inside, other=0.0)
-    g_raw = tl.load(g_ptr + offs, mask=inside, other=0.0)
-    s_raw = w_raw
-    if HAS_SCORES:
-        s_raw = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    w_raw, g_raw, s_raw = _load(w_ptr, g_ptr, s_ptr, offs, inside, HAS_SCORES)
     if KEY_FROM_SCORES:
         key = s_raw.to(tl.float32)
     else:
@@ -185,12 +186,7 @@ def _fused_prune_step_24_kernel(
         keep = tl.load(m_ptr + offs, mask=inside, other=0) != 0
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
                                   sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
-    tl.store(g_ptr + offs, round_to(g_new, g_ptr.dtype.element_ty), mask=inside)
-    tl.store(m_ptr + offs, keep, mask=inside)
-    if UPDATE_SCORES:
-        tl.store(s_ptr + offs, s_new, mask=inside)
-    if MASK_WEIGHT:
-        tl.store(w_ptr + offs, w_new, mask=inside)
+    _store(w_ptr, g_ptr, s_ptr, m_ptr, offs, inside, w_new, g_new, s_new, keep, UPDATE_SCORES, MASK_WEIGHT)
     if EMIT_HIST:
         _store_histogram(hist_ptr, s_new, inside, KEY_BITS, INF_BITS, SLOTS, GROUPS * 4)
 
