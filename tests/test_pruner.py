@@ -43,7 +43,7 @@ def train(model, pruner, optimizer, data, start=0):
         optimizer.step()
         pruner.after_optimizer_step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
