@@ -38,7 +38,7 @@ from torch import nn
 
 from .config import PruningConfig
 from .prior import mgp_threshold
-from .reference import block_keys_ref, expand_block_mask, threshold_keep
+from .reference import block_keys_ref, expand_block_mask, threshold_keep, two_four_keep
 from .select import Threshold, prune_threshold
 
 KEEP_ALL = Threshold(value=float("-inf"), tie_cut=0, count=0)
@@ -70,7 +70,7 @@ class Target:
     scores: torch.Tensor | None
     index_offset: int
     num_keys: int
-    rule: tuple[str, Threshold] = ("", KEEP_ALL)  # (kernel method, threshold) of the current mask
+    rule: tuple[str, Threshold] = ("", KEEP_ALL)  # movement: (kernel method, threshold) of the current mask
 
     @property
     def weight(self) -> nn.Parameter:
@@ -133,7 +133,6 @@ class Pruner:
             mask = torch.ones(w.shape, dtype=torch.bool, device=w.device)
             self.targets.append(Target(name, module, mask, scores, offset if config.scope == "global" else 0, num_keys))
             offset += num_keys
-        self.total_keys = offset
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             for t in self.targets:
@@ -184,9 +183,9 @@ class Pruner:
     def _select_movement_masks(self, step: int) -> None:
         """The masks the next forward uses: TopK(S) (hard) or S > τ with a floor (soft)."""
         for g, group in enumerate(self._groups()):
-            if self.granularity == "2:4":
+            if self.granularity == "2:4":  # the pattern needs no threshold; it starts at t_i
                 for t in group:
-                    t.rule = ("movement", KEEP_ALL)
+                    t.rule = ("movement" if step >= self.schedule.t_i else "", KEEP_ALL)
                 continue
             if self.config.method == "movement":
                 first = self.histograms[g] if self._histograms_fresh else None
@@ -206,14 +205,13 @@ class Pruner:
         floor = min(t.num_keys, math.ceil(self.config.soft_min_keep * t.num_keys) + 1)
         if kept >= floor:
             return ("soft_movement", Threshold(value=tau, tie_cut=0, count=t.num_keys - kept))
-        return ("movement", prune_threshold([keys], t.num_keys - floor))  # keep the top `floor`
+        thr = prune_threshold([keys], t.num_keys - floor)  # keep the top `floor` of this matrix
+        return ("movement", dataclasses.replace(thr, tie_cut=thr.tie_cut + t.index_offset))
 
     def _write_mask(self, t: Target) -> None:
         method, thr = t.rule
         if self.granularity == "2:4":
-            from .reference import two_four_keep
-
-            keep = two_four_keep(t.scores if self.movement else t.weight.detach().abs())
+            keep = two_four_keep(t.scores) if method else torch.ones_like(t.mask)
         else:
             keep = threshold_keep(self._keys(t), thr.value, thr.tie_cut, t.index_offset, strict=method == "soft_movement")
             if self.granularity == "block":
@@ -257,8 +255,8 @@ class Pruner:
                 torch.ops.sparse_ops.fused_prune_step(
                     t.weight.data, t.weight.grad, t.scores, t.mask,
                     self.histograms[g] if self.histograms is not None else None,
-                    method=method, threshold=thr.value, tie_cut=thr.tie_cut, score_lr=cfg.score_lr,
-                    sigmoid_l1=soft_l1, **self._kernel_args(t))
+                    method=method or "movement", threshold=thr.value, tie_cut=thr.tie_cut, score_lr=cfg.score_lr,
+                    sigmoid_l1=soft_l1, reuse_mask=not method, **self._kernel_args(t))
         self._histograms_fresh = self.histograms is not None
         self._select_movement_masks(step=t_now + 1)
 
@@ -283,8 +281,6 @@ class Pruner:
             if event and self.granularity != "2:4":
                 thr = self._select(group, self._count(group, t_now))
             for t in group:
-                if event or not enforced:
-                    t.rule = (cfg.method, thr)
                 torch.ops.sparse_ops.fused_prune_step(
                     t.weight.data, t.weight.grad, None, t.mask, None, method=cfg.method,
                     threshold=thr.value, tie_cut=thr.tie_cut, mask_grad=enforced, mask_weight=event,
@@ -292,10 +288,11 @@ class Pruner:
 
     # -- results, logging, state ----------------------------------------------------------------
     def sparsity(self) -> dict[str, float]:
-        """Fraction of each target's weights the current mask prunes, and 'global'."""
-        out = {t.name: 1.0 - float(t.mask.float().mean()) for t in self.targets}
-        total = sum(t.mask.numel() for t in self.targets)
-        out["global"] = sum((~t.mask).sum().item() for t in self.targets) / total
+        """Fraction of each target pruned now, and 'global': the mask for movement; the weights that
+        are zero for magnitude and MGPP (whose pruned weights may regrow between events)."""
+        pruned = {t.name: int(((~t.mask) if self.movement else (t.weight == 0)).sum()) for t in self.targets}
+        out = {t.name: pruned[t.name] / t.mask.numel() for t in self.targets}
+        out["global"] = sum(pruned.values()) / sum(t.mask.numel() for t in self.targets)
         return out
 
     def stats(self) -> dict[str, float]:

@@ -62,9 +62,9 @@ def result(pruner, losses) -> dict:
             "masks": {t.name: t.mask.clone() for t in pruner.targets},
             "scores": {t.name: t.scores.clone() for t in pruner.targets if t.scores is not None},
             "weights": {t.name: t.weight.detach().clone() for t in pruner.targets},
-            "total_keys": pruner.total_keys,
+            "total_keys": sum(t.num_keys for t in pruner.targets),
             "pruned": sum(int((~t.mask).sum()) for t in pruner.targets),
-            "want_pruned": pruner.schedule.prune_count(pruner.config.end_step, pruner.total_keys)}
+            "want_pruned": pruner.schedule.prune_count(pruner.config.end_step, sum(t.num_keys for t in pruner.targets))}
 
 
 @contextlib.contextmanager

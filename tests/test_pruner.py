@@ -2,6 +2,8 @@
 schedule exactness, MGPP regrowth and fixed masks, backends agreeing, resume bit-identical,
 finalize + save_pretrained, config round trip and bad input."""
 
+import math
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
@@ -92,12 +94,38 @@ def test_two_four_pattern():
             assert (t.mask.view(-1, 4).sum(1) == 2).all()
 
 
-def test_soft_movement_prunes_and_keeps_a_floor():
-    _, pruner, losses = run("soft_movement", soft_threshold=0.0, soft_l1=1e6, score_lr=10.0)
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_soft_movement_prunes_and_keeps_a_floor(scope):
+    _, pruner, losses = run("soft_movement", soft_threshold=0.0, soft_l1=1e6, score_lr=10.0, scope=scope)
+    floored = 0
     for t in pruner.targets:
         kept = int(t.mask.sum())
-        assert kept >= int(pruner.config.soft_min_keep * t.mask.numel()) + 1
-    assert pruner.sparsity()["global"] > 0.5
+        floor = math.ceil(pruner.config.soft_min_keep * t.mask.numel()) + 1
+        assert kept >= floor
+        if t.rule[0] == "movement":  # the floor applied: exactly `floor` weights stay
+            assert kept == floor
+            floored += 1
+    assert floored > 0 and pruner.sparsity()["global"] > 0.5
+
+
+def test_two_four_movement_starts_at_start_step():
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pruner = Pruner(model, make_config("movement", granularity="2:4", sparsity=0.5), optimizer)
+    assert all(bool(t.mask.all()) for t in pruner.targets)
+    train(model, pruner, optimizer, batches(STEPS["start_step"] - 1))
+    assert all(bool(t.mask.all()) for t in pruner.targets)
+    train(model, pruner, optimizer, batches(2))
+    assert all(bool((t.mask.view(-1, 4).sum(1) == 2).all()) for t in pruner.targets)
+
+
+def test_mgpp_sparsity_counts_zero_weights_between_events():
+    model = tiny_bert()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay where the event put them
+    pruner = Pruner(model, make_config("mgpp", start_step=1, end_step=13, interval=6), optimizer)
+    train(model, pruner, optimizer, batches(3))  # the event at t_i = 1, then a step without one
+    assert all(bool(t.mask.all()) for t in pruner.targets)  # no mask enforced between events
+    assert pruner.sparsity()["global"] == pytest.approx(0.3, abs=1e-3)
 
 
 def test_mgpp_regrows_between_events_and_fixes_the_mask_after_end_step():
