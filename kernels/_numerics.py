@@ -1,7 +1,15 @@
-"""Triton helpers shared by the kernels."""
+"""Helpers shared by the kernels and their launchers."""
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
+
+
+def on_device(t: torch.Tensor):
+    """Launch on t's GPU (not the current one), so tensors on cuda:1 work too."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit

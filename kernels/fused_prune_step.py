@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 
 from sparse_ops.prior import mgp_constants
-from sparse_ops.reference import RADIX_BINS
+from sparse_ops.reference import KEY_BITS, RADIX_BINS
 
-from ._numerics import round_to
+from ._numerics import on_device, round_to
 from .kthvalue import INF_BITS, SLOTS, order_key
 from .mgp_prior_grad import prior_grad
 
@@ -59,6 +59,14 @@ def _load(w_ptr, g_ptr, s_ptr, offs, inside, HAS_SCORES: tl.constexpr):
     if HAS_SCORES:
         s_raw = tl.load(s_ptr + offs, mask=inside, other=0.0)
     return w_raw, g_raw, s_raw
+
+
+@triton.jit
+def _element_key(w_raw, s_raw, KEY_FROM_SCORES: tl.constexpr):
+    """Scores (movement methods) or |w|, as float32 (exact for every input dtype)."""
+    if KEY_FROM_SCORES:
+        return s_raw.to(tl.float32)
+    return tl.abs(w_raw).to(tl.float32)
 
 
 @triton.jit
@@ -108,10 +116,7 @@ def _fused_prune_step_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     w_raw, g_raw, s_raw = _load(w_ptr, g_ptr, s_ptr, offs, inside, HAS_SCORES)
-    if KEY_FROM_SCORES:
-        key = s_raw.to(tl.float32)
-    else:
-        key = tl.abs(w_raw).to(tl.float32)
+    key = _element_key(w_raw, s_raw, KEY_FROM_SCORES)
     if REUSE_MASK:
         keep = tl.load(m_ptr + offs, mask=inside, other=0) != 0
     else:
@@ -156,8 +161,8 @@ def _fused_prune_step_block_kernel(
     _store(w_ptr, g_ptr, s_ptr, m_ptr, offs, inside, w_new, g_new, s_new, keep, UPDATE_SCORES, MASK_WEIGHT)
     if EMIT_HIST:
         next_key = tl.sum(tl.sum(tl.where(inside, s_new.to(tl.float64), 0.0), axis=1), axis=0).to(tl.float32)
-        first = tl.arange(0, 2) == 0  # the block's one key, as a 2-lane vector for the histogram
-        _store_histogram(hist_ptr, tl.where(first, next_key, 0.0), first, 32, 0x7F800000, SLOTS, 2)
+        key_bits, is_nan = order_key(next_key.to(tl.int32, bitcast=True), 32, 0x7F800000, False)
+        tl.atomic_add(hist_ptr + tl.where(is_nan, 256, (key_bits >> 24) & 255), 1)  # the block's one key
 
 
 @triton.jit
@@ -173,17 +178,15 @@ def _fused_prune_step_24_kernel(
     offs = g_idx[:, None] * 4 + lane[None, :]
     inside = (g_idx < groups)[:, None] & (lane < 4)[None, :]
     w_raw, g_raw, s_raw = _load(w_ptr, g_ptr, s_ptr, offs, inside, HAS_SCORES)
-    if KEY_FROM_SCORES:
-        key = s_raw.to(tl.float32)
-    else:
-        key = tl.abs(w_raw).to(tl.float32)
-    mine = key[:, :, None]    # [G, j, 1]
-    other = key[:, None, :]   # [G, 1, i]
-    earlier = lane[None, None, :] < lane[None, :, None]
-    before = (other < mine) | ((other == mine) & earlier)
-    keep = tl.sum(before.to(tl.int32), axis=2) >= 2
+    key = _element_key(w_raw, s_raw, KEY_FROM_SCORES)
     if REUSE_MASK:
         keep = tl.load(m_ptr + offs, mask=inside, other=0) != 0
+    else:
+        mine = key[:, :, None]    # [G, j, 1]
+        other = key[:, None, :]   # [G, 1, i]
+        earlier = lane[None, None, :] < lane[None, :, None]
+        before = (other < mine) | ((other == mine) & earlier)
+        keep = tl.sum(before.to(tl.int32), axis=2) >= 2
     g_new, s_new, w_new = _update(w_raw, g_raw, s_raw, keep, prior_scale, c1, c2, inv0, inv1, score_lr,
                                   sigmoid_l1, UPDATE_SCORES, SIGMOID_L1, ADD_PRIOR, MASK_GRAD, MASK_WEIGHT)
     _store(w_ptr, g_ptr, s_ptr, m_ptr, offs, inside, w_new, g_new, s_new, keep, UPDATE_SCORES, MASK_WEIGHT)
@@ -203,37 +206,35 @@ def fused_prune_step_triton(weight, grad, scores, mask, histogram, *, method, gr
     """Launch the kernel for `granularity` on contiguous tensors (arguments checked by the op)."""
     movement = method in ("movement", "soft_movement")
     key_dtype = (scores.dtype if movement else weight.dtype) if granularity != "block" else torch.float32
+    threshold = _threshold_as(threshold, key_dtype)
+    strict = method == "soft_movement"
     c1, c2, inv0, inv1 = mgp_constants(lam, var0, var1) if prior_scale != 0.0 else (0.0, 0.0, 0.0, 0.0)
     hist = torch.zeros(SLOTS, dtype=torch.int64, device=weight.device) if histogram is not None else None
+    hist_dtype = scores.dtype if scores is not None else torch.float32  # element keys of the histogram
     flags = dict(KEY_FROM_SCORES=movement, HAS_SCORES=scores is not None,
                  UPDATE_SCORES=scores is not None and score_lr != 0.0, SIGMOID_L1=sigmoid_l1 != 0.0,
-                 ADD_PRIOR=prior_scale != 0.0,
-                 MASK_GRAD=mask_grad, MASK_WEIGHT=mask_weight, REUSE_MASK=reuse_mask,
-                 EMIT_HIST=histogram is not None, SLOTS=SLOTS)
+                 ADD_PRIOR=prior_scale != 0.0, MASK_GRAD=mask_grad, MASK_WEIGHT=mask_weight,
+                 REUSE_MASK=reuse_mask, EMIT_HIST=histogram is not None, SLOTS=SLOTS,
+                 enable_fp_fusion=False)  # no FMA contraction: the reference's rounding
+    key_type = dict(KEY_BITS=KEY_BITS[hist_dtype], INF_BITS=INF_BITS[hist_dtype])
     s_arg = scores if scores is not None else weight
-    if granularity == "element":
-        n = weight.numel()
-        hist_dtype = scores.dtype if scores is not None else torch.float32
-        _fused_prune_step_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
-            weight, grad, s_arg, mask, hist, n, _threshold_as(threshold, key_dtype), tie_cut, index_offset,
-            prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1, STRICT=method == "soft_movement",
-            KEY_BITS=16 if hist_dtype.itemsize == 2 else 32, INF_BITS=INF_BITS.get(hist_dtype, 0),
-            BLOCK=ELEMENT_BLOCK, **flags)
-    elif granularity == "block":
-        rows, cols = weight.shape
-        blocks_per_row = triton.cdiv(cols, block_cols)
-        grid = (triton.cdiv(rows, block_rows) * blocks_per_row,)
-        _fused_prune_step_block_kernel[grid](
-            weight, grad, s_arg, mask, hist, rows, cols, block_rows, block_cols, blocks_per_row,
-            _threshold_as(threshold, key_dtype), tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
-            STRICT=method == "soft_movement", TILE_R=triton.next_power_of_2(block_rows),
-            TILE_C=triton.next_power_of_2(block_cols), **flags)
-    else:
-        groups = weight.numel() // 4
-        hist_dtype = scores.dtype if scores is not None else torch.float32
-        _fused_prune_step_24_kernel[(triton.cdiv(groups, GROUPS_24),)](
-            weight, grad, s_arg, mask, hist, groups, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
-            KEY_BITS=16 if hist_dtype.itemsize == 2 else 32, INF_BITS=INF_BITS.get(hist_dtype, 0),
-            GROUPS=GROUPS_24, **flags)
+    with on_device(weight):
+        if granularity == "element":
+            n = weight.numel()
+            _fused_prune_step_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
+                weight, grad, s_arg, mask, hist, n, threshold, tie_cut, index_offset, prior_scale, c1, c2, inv0,
+                inv1, score_lr, sigmoid_l1, STRICT=strict, BLOCK=ELEMENT_BLOCK, **key_type, **flags)
+        elif granularity == "block":
+            rows, cols = weight.shape
+            blocks_per_row = triton.cdiv(cols, block_cols)
+            _fused_prune_step_block_kernel[(triton.cdiv(rows, block_rows) * blocks_per_row,)](
+                weight, grad, s_arg, mask, hist, rows, cols, block_rows, block_cols, blocks_per_row, threshold,
+                tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1, STRICT=strict,
+                TILE_R=triton.next_power_of_2(block_rows), TILE_C=triton.next_power_of_2(block_cols), **flags)
+        else:
+            groups = weight.numel() // 4
+            _fused_prune_step_24_kernel[(triton.cdiv(groups, GROUPS_24),)](
+                weight, grad, s_arg, mask, hist, groups, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1,
+                GROUPS=GROUPS_24, **key_type, **flags)
     if histogram is not None:
         histogram += hist[: RADIX_BINS + 1]

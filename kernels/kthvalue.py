@@ -16,11 +16,12 @@ import triton.language as tl
 
 from sparse_ops.reference import KEY_BITS, RADIX_BINS
 
+from ._numerics import on_device
+
 BLOCK = 1024
 CHUNK = 64 * BLOCK
 SLOTS = 2 * RADIX_BINS
 INF_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000}
-RAW_INT = {16: torch.int16, 32: torch.int32}
 
 
 @triton.jit
@@ -96,8 +97,9 @@ def radix_histogram_triton(xs, state: torch.Tensor, level: int, absolute: bool) 
     chunk = _chunk_size(numels)
     ptr_table, sizes, chunk_tensor, chunk_start = _chunk_tables(
         tuple(x.data_ptr() for x in xs), numels, chunk, state.device)
-    _radix_histogram_kernel[(chunk_tensor.numel(),)](
-        ptr_table, sizes, chunk_tensor, chunk_start, state, hist,
-        LEVEL=level, KEY_BITS=bits, INF_BITS=INF_BITS[dtype], ABSOLUTE=absolute,
-        CHUNK=chunk, BLOCK=BLOCK, SLOTS=SLOTS)
+    with on_device(state):
+        _radix_histogram_kernel[(chunk_tensor.numel(),)](
+            ptr_table, sizes, chunk_tensor, chunk_start, state, hist,
+            LEVEL=level, KEY_BITS=bits, INF_BITS=INF_BITS[dtype], ABSOLUTE=absolute,
+            CHUNK=chunk, BLOCK=BLOCK, SLOTS=SLOTS)
     return hist[: RADIX_BINS + 1]

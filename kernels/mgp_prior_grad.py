@@ -11,7 +11,7 @@ import triton.language as tl
 
 from sparse_ops.prior import mgp_constants
 
-from ._numerics import round_to
+from ._numerics import on_device, round_to
 
 BLOCK = 1024
 
@@ -38,5 +38,7 @@ def mgp_prior_grad_triton(w: torch.Tensor, lam: float, var0: float, var1: float,
     out = torch.empty_like(w)
     n = w.numel()
     if n:
-        _mgp_prior_grad_kernel[(triton.cdiv(n, BLOCK),)](w, out, n, c1, c2, inv0, inv1, scale, BLOCK=BLOCK)
+        with on_device(w):
+            _mgp_prior_grad_kernel[(triton.cdiv(n, BLOCK),)](w, out, n, c1, c2, inv0, inv1, scale, BLOCK=BLOCK,
+                                                             enable_fp_fusion=False)
     return out

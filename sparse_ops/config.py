@@ -96,9 +96,10 @@ class PruningConfig:
 
             check_prior_args(self.lam, self.var0, self.var1)
             check_prior_args(self.lam_final, self.var0, self.var1)
-        for name in ("score_lr", "soft_threshold", "soft_l1"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
+        for name in ("score_lr", "soft_threshold", "soft_l1", "soft_min_keep"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 <= self.soft_min_keep < 1.0:
             raise ValueError(f"soft_min_keep must lie in [0, 1), got {self.soft_min_keep!r}")
         if not self.targets:

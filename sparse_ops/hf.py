@@ -41,12 +41,15 @@ class PruningCallback(TrainerCallback):
         reduce, shard = distributed_reduce()
         self.pruner = Pruner(model, self.config, optimizer, reduce=reduce, shard=shard)
         if state.global_step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"resuming at step {state.global_step} but {path} is missing: the masks and "
-                                        "scores of the interrupted run cannot be restored")
+            folders = [f for f in (args.resume_from_checkpoint,) if isinstance(f, str)]
+            folders.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            paths = [os.path.join(f, STATE_NAME) for f in folders]
+            path = next((p for p in paths if os.path.isfile(p)), None)
+            if path is None:
+                raise FileNotFoundError(f"resuming at step {state.global_step} but none of {paths} exists: the masks "
+                                        "and scores of the interrupted run cannot be restored")
             self.pruner.load_state_dict(torch.load(path, map_location=self.pruner.targets[0].mask.device,
-                                                   weights_only=False))
+                                                   weights_only=True))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.after_backward()

@@ -140,6 +140,7 @@ def _radix_histogram_impl(xs, state, level, absolute):
 # ---------------------------------------------------------------------------------------------
 @torch.library.register_fake(f"{LIB}::kthvalue")
 def _kthvalue_fake(x, k):
+    _checks.check_float_tensor("x", x)
     _checks.check_kth(x.numel(), k, "x")
     return x.new_empty(())
 

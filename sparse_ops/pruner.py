@@ -322,7 +322,10 @@ class Pruner:
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"] != self.config.to_dict():
-            raise ValueError("state was saved with another PruningConfig; build the Pruner with that config")
+            differ = {k: (v, self.config.to_dict().get(k)) for k, v in state["config"].items()
+                      if self.config.to_dict().get(k) != v}
+            raise ValueError(f"state was saved with another PruningConfig (saved, current): {differ}; "
+                             "build the Pruner with that config")
         names = {t.name for t in self.targets}
         if set(state["masks"]) != names:
             raise ValueError(f"state holds masks for {sorted(state['masks'])}, this pruner targets {sorted(names)}")

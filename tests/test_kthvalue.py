@@ -37,6 +37,14 @@ def test_bit_identical_to_torch(device, dtype, n):
             assert_bit_identical(torch.ops.sparse_ops.kthvalue(x, k), torch.kthvalue(x.flatten(), k).values)
 
 
+@pytest.mark.parametrize("zero", [0.0, -0.0])
+def test_signed_zero_result_has_the_sign_of_the_input_zeros(device, zero):
+    x = torch.tensor([zero, 1.0, zero, -2.0], device=device)
+    for k in (2, 3):
+        got, want = torch.ops.sparse_ops.kthvalue(x, k), torch.kthvalue(x, k).values
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_heavy_ties_and_shapes(device, dtype):
     x = torch.randint(-3, 4, (17, 9, 5), device=device).to(dtype)
