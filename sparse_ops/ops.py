@@ -35,8 +35,7 @@ _FUSED_SCHEMA = (
     "Tensor(e!)? histogram, *, str method, str granularity='element', int block_rows=1, "
     "int block_cols=1, float threshold=0., int tie_cut=0, int index_offset=0, float prior_scale=0., "
     "float lam=0.1, float var0=1e-10, float var1=0.05, float score_lr=0., float sigmoid_l1=0., "
-    "bool mask_grad=True, "
-    "bool mask_weight=False, bool reuse_mask=False) -> ()"
+    "bool mask_grad=True, bool mask_weight=False, bool reuse_mask=False) -> ()"
 )
 _lib.define("mgp_prior_grad(Tensor w, float lam, float var0, float var1, float scale=1.) -> Tensor")
 _lib.define("radix_histogram(Tensor[] xs, Tensor state, int level, bool absolute) -> Tensor")
@@ -153,16 +152,17 @@ def _kthvalue_multi_fake(xs, k, absolute=False):
 
 
 def _kthvalue_impl(x, k):
-    from .select import radix_select
+    from .select import radix_select, signed_zero_like_input
 
     _checks.check_float_tensor("x", x)
-    return radix_select([x], k, absolute=False, name="x").value
+    return signed_zero_like_input(radix_select([x], k, absolute=False, name="x").value, [x])
 
 
 def _kthvalue_multi_impl(xs, k, absolute=False):
-    from .select import radix_select
+    from .select import radix_select, signed_zero_like_input
 
-    return radix_select(list(xs), k, absolute=absolute).value
+    value = radix_select(list(xs), k, absolute=absolute).value
+    return value if absolute else signed_zero_like_input(value, xs)
 
 
 # ---------------------------------------------------------------------------------------------

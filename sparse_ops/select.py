@@ -47,8 +47,7 @@ def radix_select(xs: Sequence[torch.Tensor], k: int, *, absolute: bool = False,
     first_histogram: the level-0 histogram if already known (fused_prune_step emits it); it saves
     one read of the data. reduce: called in place on every histogram (e.g. an all-reduce) so the
     selection spans processes. NaN anywhere raises ValueError. `name` is the argument named in errors.
-    A zero result is −0.0 when every zero of the input is −0.0, else +0.0 (where both occur,
-    torch.kthvalue's sign depends on its partition order; the values compare equal).
+    Keys treat −0.0 and +0.0 alike, so a zero result is +0.0 (see signed_zero_like_input).
     """
     xs = list(xs)
     _checks.check_tensor_list(name, xs)
@@ -81,10 +80,16 @@ def radix_select(xs: Sequence[torch.Tensor], k: int, *, absolute: bool = False,
         raise ValueError(f"{name} contains {n_nan} NaN value(s); thresholds need NaN-free keys")
     key = prefix & ((1 << KEY_BITS[xs[0].dtype]) - 1)
     value = key_to_value(key, xs[0].dtype).to(device)
-    if value == 0 and not absolute and reduce is None and not any(bool((x == 0).logical_and(~x.signbit()).any())
-                                                                  for x in flat):
-        value = -value  # every zero of the input is −0.0 (keys treat ±0 alike; torch returns the element)
     return Selection(value=value, count_less=k - k_rem, count_equal=n_equal)
+
+
+def signed_zero_like_input(value: torch.Tensor, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """−0.0 for a zero k-th value when every zero of `xs` is −0.0, as torch.kthvalue returns the
+    element itself (where both signs occur its choice depends on its partition order; the values
+    compare equal). One extra read of the data, only when the result is zero."""
+    if value == 0 and not any(bool((x == 0).logical_and(~x.signbit()).any()) for x in xs):
+        return -value
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,8 +41,9 @@ def test_bit_identical_to_torch(device, dtype, n):
 def test_signed_zero_result_has_the_sign_of_the_input_zeros(device, zero):
     x = torch.tensor([zero, 1.0, zero, -2.0], device=device)
     for k in (2, 3):
-        got, want = torch.ops.sparse_ops.kthvalue(x, k), torch.kthvalue(x, k).values
-        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+        want = torch.kthvalue(x, k).values.view(torch.int32)
+        assert torch.equal(torch.ops.sparse_ops.kthvalue(x, k).view(torch.int32), want)
+        assert torch.equal(torch.ops.sparse_ops.kthvalue_multi([x[:1], x[1:]], k).view(torch.int32), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
