@@ -44,6 +44,7 @@ def load_extension() -> bool:
             warnings.warn(f"sparse_ops: compiled kernels unavailable ({exc}); using the PyTorch reference on CPU",
                           RuntimeWarning, stacklevel=2)
     has_cpu_kernel.cache_clear()
+    has_cuda_kernel.cache_clear()
     return _state["loaded"]
 
 
@@ -54,3 +55,8 @@ def extension_error() -> str | None:
 @functools.lru_cache(maxsize=None)
 def has_cpu_kernel(qualname: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
+
+
+@functools.lru_cache(maxsize=None)
+def has_cuda_kernel(qualname: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")

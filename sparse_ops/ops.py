@@ -13,6 +13,14 @@ Schemas (see README "Ops" for the full contract):
   kthvalue_multi(Tensor[] xs, int k, bool absolute=False) -> Tensor                (0-dim)
   fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask,
                    Tensor(e!)? histogram, *, str method, ...) -> ()
+  csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias,
+             int out_features) -> Tensor                                          (..., out_features)
+  bsr_linear(<the same>) -> Tensor                       (values of shape (nnz_blocks, br, bc))
+
+The sparse linear ops compute x @ Wᵀ + bias for W given in CSR / BSR by rows (sparse_ops.formats), with
+int32 indices, values and bias in x.dtype, float32 accumulation and one rounding. Their CUDA/CPU
+kernels (`<op>_cuda`, `<op>_cpu`) receive x as a contiguous 2-D (M, in_features) tensor. Index
+contents are validated once by SparseLinear (formats.check_compressed), not on every call.
 """
 
 from __future__ import annotations
@@ -22,12 +30,12 @@ import contextlib
 import torch
 
 from . import _checks, reference
-from ._extension import has_cpu_kernel
+from ._extension import has_cpu_kernel, has_cuda_kernel
 from .prior import check_prior_args
 
 LIB = "sparse_ops"
 # Bump together with csrc/cpu/schema_version.cpp whenever a schema below changes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defined once, here
 
 _FUSED_SCHEMA = (
@@ -42,11 +50,16 @@ _lib.define("radix_histogram(Tensor[] xs, Tensor state, int level, bool absolute
 _lib.define("kthvalue(Tensor x, int k) -> Tensor")
 _lib.define("kthvalue_multi(Tensor[] xs, int k, bool absolute=False) -> Tensor")
 _lib.define(_FUSED_SCHEMA)
-# Private twins that csrc/ implements for the CPU key (TORCH_LIBRARY_IMPL(sparse_ops, CPU, m)).
-CPP_OPS = ("mgp_prior_grad", "radix_histogram", "fused_prune_step")
-for _op in CPP_OPS:
+_SPARSE_LINEAR_ARGS = "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int out_features)"
+_lib.define(f"csr_linear{_SPARSE_LINEAR_ARGS} -> Tensor")
+_lib.define(f"bsr_linear{_SPARSE_LINEAR_ARGS} -> Tensor")
+# Private twins that csrc/ implements for the CPU key (TORCH_LIBRARY_IMPL(sparse_ops, CPU, m)) and,
+# for csr_linear, the CUDA key (csrc/cuda).
+CPP_OPS = ("mgp_prior_grad", "radix_histogram", "fused_prune_step", "csr_linear", "bsr_linear")
+CUDA_OPS = ("csr_linear",)
+for _op, _suffix in [(op, "cpu") for op in CPP_OPS] + [(op, "cuda") for op in CUDA_OPS]:
     _schema = str(getattr(torch.ops.sparse_ops, _op).default._schema)
-    _lib.define(_schema.replace(f"{LIB}::{_op}(", f"{_op}_cpu(", 1))
+    _lib.define(_schema.replace(f"{LIB}::{_op}(", f"{_op}_{_suffix}(", 1))
 
 
 def _triton_kernels():
@@ -188,6 +201,87 @@ def _fused_prune_step_impl(weight, grad, scores, mask, histogram, **kwargs):
     for t, w in zip(tensors, work):
         if w is not t:
             t.copy_(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# csr_linear / bsr_linear (inference)
+# ---------------------------------------------------------------------------------------------
+_SPARSE_LINEAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_sparse_linear(fmt, x, crow, col, values, bias, out_features):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _SPARSE_LINEAR_DTYPES:
+        raise TypeError(f"x must be a tensor of dtype float32, float16, bfloat16 or float64, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape (..., in_features) with in_features >= 1, got {tuple(x.shape)}")
+    if not isinstance(out_features, int) or out_features < 1:
+        raise ValueError(f"out_features must be a positive int, got {out_features!r}")
+    for name, t in (("crow_indices", crow), ("col_indices", col)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D int32 tensor (convert with .to(torch.int32)), got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+    for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values must have the dtype of x ({x.dtype}), got {values.dtype}")
+    if fmt == "csr":
+        if values.dim() != 1:
+            raise ValueError(f"values must be 1-D (nnz,) for csr_linear, got shape {tuple(values.shape)}")
+        rows = out_features
+    else:
+        if values.dim() != 3 or values.shape[1] < 1 or values.shape[2] < 1:
+            raise ValueError(f"values must have shape (nnz_blocks, block_rows, block_cols) for bsr_linear, got "
+                             f"{tuple(values.shape)}")
+        rows = -(-out_features // values.shape[1])
+    if crow.numel() != rows + 1:
+        raise ValueError(f"crow_indices must have {rows + 1} entries for out_features={out_features}, got {crow.numel()}")
+    if col.numel() != values.shape[0]:
+        raise ValueError(f"col_indices has {col.numel()} entries but values has {values.shape[0]}; they must match")
+    if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (out_features,)):
+        raise ValueError(f"bias must be None or of shape ({out_features},) and dtype {x.dtype}, got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+
+
+def _sparse_linear_fake(fmt):
+    def fake(x, crow_indices, col_indices, values, bias, out_features):
+        _check_sparse_linear(fmt, x, crow_indices, col_indices, values, bias, out_features)
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    return fake
+
+
+def _sparse_linear_kernel(fmt, x):
+    op = f"{fmt}_linear"
+    if _forced["backend"] == "reference" or x.dtype == torch.float64:
+        return getattr(reference, f"{op}_ref")
+    if fmt == "bsr" and _use_triton(x):
+        return _triton_kernels().bsr_linear.bsr_linear_triton
+    if x.device.type == "cuda" and has_cuda_kernel(f"{LIB}::{op}_cuda"):
+        return getattr(torch.ops.sparse_ops, f"{op}_cuda")
+    if x.device.type == "cpu" and has_cpu_kernel(f"{LIB}::{op}_cpu"):
+        return getattr(torch.ops.sparse_ops, f"{op}_cpu")
+    return getattr(reference, f"{op}_ref")
+
+
+def _sparse_linear_impl(fmt):
+    def impl(x, crow_indices, col_indices, values, bias, out_features):
+        _check_sparse_linear(fmt, x, crow_indices, col_indices, values, bias, out_features)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        if x2.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], out_features)
+        args = [t.contiguous() for t in (crow_indices, col_indices, values)]
+        bias = None if bias is None else bias.contiguous()
+        y = _sparse_linear_kernel(fmt, x)(x2, *args, bias, out_features)
+        return y.view(*x.shape[:-1], out_features)
+
+    return impl
+
+
+for _fmt in ("csr", "bsr"):
+    torch.library.register_fake(f"{LIB}::{_fmt}_linear")(_sparse_linear_fake(_fmt))
+    _lib.impl(f"{_fmt}_linear", _sparse_linear_impl(_fmt), "CompositeExplicitAutograd")
 
 
 # One implementation for every backend; it checks the inputs and picks the kernel by device.

@@ -185,3 +185,43 @@ def fused_prune_step_ref(weight, grad, scores, mask, histogram, *, method, granu
         next_keys = prune_keys_ref(weight, scores, method, granularity, block_rows, block_cols)
         state = torch.zeros(2, dtype=torch.int64, device=histogram.device)
         histogram += radix_histogram_ref([next_keys], state, 0, absolute=False)[: histogram.numel()]
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse linear layers (inference): y = x @ Wᵀ + bias with W stored as CSR or BSR
+# ---------------------------------------------------------------------------------------------
+def csr_to_dense_ref(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense (rows, cols) matrix of a CSR triple (int32 or int64 indices), in values.dtype."""
+    rows = torch.repeat_interleave(torch.arange(shape[0], device=values.device), (crow[1:] - crow[:-1]).long())
+    dense = values.new_zeros(shape)
+    dense[rows, col.long()] = values
+    return dense
+
+
+def bsr_to_dense_ref(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense (rows, cols) matrix of a BSR triple with blocks values[i] of shape (br, bc); the block grid
+    covers ceil(rows/br) × ceil(cols/bc) blocks and whatever lies past (rows, cols) is dropped."""
+    br, bc = values.shape[1], values.shape[2]
+    nbr, nbc = -(-shape[0] // br), -(-shape[1] // bc)
+    block_rows = torch.repeat_interleave(torch.arange(nbr, device=values.device), (crow[1:] - crow[:-1]).long())
+    grid = values.new_zeros(nbr, nbc, br, bc)
+    grid[block_rows, col.long()] = values
+    return grid.permute(0, 2, 1, 3).reshape(nbr * br, nbc * bc)[: shape[0], : shape[1]]
+
+
+def _linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    cdt = compute_dtype(x.dtype)
+    y = x.to(cdt) @ weight.to(cdt).T
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(x.dtype)
+
+
+def csr_linear_ref(x, crow, col, values, bias, out_features: int) -> torch.Tensor:
+    """x @ Wᵀ + bias for W in CSR (rows = output features); float32 math (float64 for float64), one rounding."""
+    return _linear_ref(x, csr_to_dense_ref(crow, col, values, (out_features, x.shape[-1])), bias)
+
+
+def bsr_linear_ref(x, crow, col, values, bias, out_features: int) -> torch.Tensor:
+    """x @ Wᵀ + bias for W in BSR (block rows = output features); float32 math (float64 for float64)."""
+    return _linear_ref(x, bsr_to_dense_ref(crow, col, values, (out_features, x.shape[-1])), bias)
