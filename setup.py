@@ -10,9 +10,10 @@ ABI); an isolated build would download a different torch. Sources:
   float results match PyTorch's separately rounded ops). The sources are C++17; the -std flag is
   left to torch's BuildExtension, which adds the standard its own headers need (c++20 on torch
   2.13, whose headers warn under c++17);
-* csrc/cuda/*.cu: only when this torch was built with CUDA and nvcc exists under CUDA_HOME. The
-  target architectures come from TORCH_CUDA_ARCH_LIST (default below), never from the GPU present.
-  SPARSE_OPS_BUILD_CUDA=0 skips them.
+* csrc/cuda/*.cu (kernels, plain CUDA C++) and csrc/cuda/*.cpp (their torch bindings): only when
+  this torch was built with CUDA and nvcc exists under CUDA_HOME. The target architectures come
+  from TORCH_CUDA_ARCH_LIST (default below), never from the GPU present.
+  SPARSE_OPS_BUILD_CUDA=0 skips them. scripts/check_cuda.sh compile-checks them without torch/GPU.
 
 Nothing here probes hardware or the network. The .so only registers kernels with the dispatcher
 (TORCH_LIBRARY_IMPL); sparse_ops/_extension.py loads it with torch.ops.load_library.
@@ -23,10 +24,14 @@ from __future__ import annotations
 import glob
 import os
 
-from setuptools import find_packages, setup
-
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import (
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"  # A100, A10/3090, L4/4090, H100 (+PTX for newer)
@@ -43,7 +48,8 @@ def _nvcc_available() -> bool:
 
 def _extension():
     cpu_sources = _sources("csrc/cpu/*.cpp")
-    cuda_sources = _sources("csrc/cuda/*.cu")
+    cuda_sources = _sources("csrc/cuda/*.cu")  # csrc/cuda/emulation/ is test-only: not globbed
+    cuda_bindings = _sources("csrc/cuda/*.cpp")
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link_flags = ["-fopenmp"]
     build_cuda = (
@@ -56,7 +62,7 @@ def _extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         return CUDAExtension(
             "sparse_ops._C",
-            cpu_sources + cuda_sources,
+            cpu_sources + cuda_sources + cuda_bindings,
             define_macros=[("SPARSE_OPS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "-lineinfo"]},

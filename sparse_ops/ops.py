@@ -279,9 +279,35 @@ def _sparse_linear_impl(fmt):
     return impl
 
 
+def _sparse_linear_setup_context(ctx, inputs, output):
+    x, crow, col, values, _, out_features = inputs
+    ctx.save_for_backward(crow, col, values)
+    ctx.in_features, ctx.out_features = x.shape[-1], out_features
+
+
+def _sparse_linear_backward(fmt):
+    """Gradients for x and bias only (the layers are for inference; the stored weight is a constant):
+    grad_x = grad_y @ W with W densified in float32 — correct, not a fast path."""
+    to_dense = reference.csr_to_dense_ref if fmt == "csr" else reference.bsr_to_dense_ref
+
+    def backward(ctx, grad):
+        crow, col, values = ctx.saved_tensors
+        if ctx.needs_input_grad[3]:
+            raise RuntimeError(f"{fmt}_linear does not differentiate its stored weight values; detach them")
+        weight = to_dense(crow, col, values, (ctx.out_features, ctx.in_features))
+        cdt = reference.compute_dtype(grad.dtype)
+        grad_x = (grad.to(cdt) @ weight.to(cdt)).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, ctx.out_features).sum(0) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, None, grad_bias, None
+
+    return backward
+
+
 for _fmt in ("csr", "bsr"):
     torch.library.register_fake(f"{LIB}::{_fmt}_linear")(_sparse_linear_fake(_fmt))
     _lib.impl(f"{_fmt}_linear", _sparse_linear_impl(_fmt), "CompositeExplicitAutograd")
+    torch.library.register_autograd(f"{LIB}::{_fmt}_linear", _sparse_linear_backward(_fmt),
+                                    setup_context=_sparse_linear_setup_context)
 
 
 # One implementation for every backend; it checks the inputs and picks the kernel by device.

@@ -1,9 +1,12 @@
 """Test setup: the Triton interpreter is switched on before any kernel module is imported, so the
-Triton kernels also run (slowly, program by program) on CPU tensors. Keep their grids small."""
+Triton kernels also run (slowly, program by program) on CPU tensors. Keep their grids small.
+Format choices of export(format="auto") are cached in a temporary folder, never in ~/.cache."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["SPARSE_OPS_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparse_ops_test_cache_")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
