@@ -4,6 +4,6 @@ Each module holds `_<op>_kernel` (the @triton.jit code) and `<op>_triton` (the l
 CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before this package is imported).
 """
 
-from . import fused_prune_step, kthvalue, mgp_prior_grad
+from . import bsr_linear, fused_prune_step, kthvalue, mgp_prior_grad
 
-__all__ = ["fused_prune_step", "kthvalue", "mgp_prior_grad"]
+__all__ = ["bsr_linear", "fused_prune_step", "kthvalue", "mgp_prior_grad"]

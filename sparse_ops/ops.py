@@ -252,11 +252,11 @@ def _sparse_linear_fake(fmt):
     return fake
 
 
-def _sparse_linear_kernel(fmt, x):
+def _sparse_linear_kernel(fmt, x, values):
     op = f"{fmt}_linear"
     if _forced["backend"] == "reference" or x.dtype == torch.float64:
         return getattr(reference, f"{op}_ref")
-    if fmt == "bsr" and _use_triton(x):
+    if fmt == "bsr" and _use_triton(x) and max(values.shape[1:]) <= _triton_kernels().bsr_linear.MAX_BLOCK:
         return _triton_kernels().bsr_linear.bsr_linear_triton
     if x.device.type == "cuda" and has_cuda_kernel(f"{LIB}::{op}_cuda"):
         return getattr(torch.ops.sparse_ops, f"{op}_cuda")
@@ -273,7 +273,7 @@ def _sparse_linear_impl(fmt):
             return x.new_empty(*x.shape[:-1], out_features)
         args = [t.contiguous() for t in (crow_indices, col_indices, values)]
         bias = None if bias is None else bias.contiguous()
-        y = _sparse_linear_kernel(fmt, x)(x2, *args, bias, out_features)
+        y = _sparse_linear_kernel(fmt, x, values)(x2, *args, bias, out_features)
         return y.view(*x.shape[:-1], out_features)
 
     return impl

@@ -8,10 +8,10 @@ import tempfile
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SPARSE_OPS_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparse_ops_test_cache_")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import sparse_ops  # noqa: E402,F401  (registers the ops)
+import sparse_ops  # noqa: F401  (registers the ops)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
