@@ -6,8 +6,8 @@
 Numerics: y = x @ Wᵀ + bias with values and bias in the layer's dtype (float32, float16, bfloat16 or
 float64), accumulated in float32 (float64 for float64) and rounded once, through
 torch.ops.sparse_ops.bsr_linear / csr_linear (F.linear for "dense"). Nothing here builds a sparse
-tensor subclass, so torch.compile(fullgraph=True) traces the forward. No autograd: run it under
-torch.no_grad() / torch.inference_mode().
+tensor subclass, so torch.compile(fullgraph=True) traces the forward. Gradients reach x and the bias,
+never the stored weight (an inference layer; the backward densifies W, it is not a fast path).
 
 The weight lives in buffers, so .to(device/dtype), .half(), state_dict() and load_state_dict() work;
 index buffers (crow_indices, col_indices) stay int32 whatever dtype the module is converted to.

@@ -28,6 +28,11 @@
 #include <cstring>
 #include <mutex>
 #include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace sparse_ops {
 
@@ -429,6 +434,289 @@ inline bool is_float_dtype(at::ScalarType s) {
 inline void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(is_float_dtype(t.scalar_type()), name,
               " must have dtype float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// sparse linear layers (csr_linear.cpp, bsr_linear.cpp)
+// ---------------------------------------------------------------------------------------------
+// y = x·Wᵀ + bias for x (M, K) row-major and W (N, K) stored by rows (CSR, or BSR by block rows).
+// The kernels share this layout:
+//  * token tiles: the M tokens are cut into tiles of `width` tokens (a multiple of 8); a tile's
+//    panel is its slice of x transposed to float32, panel[k][t] = x[m0 + t][k], in rows of
+//    padded(j) floats (tokens past M are +0). A stored weight w[n, k] then updates every token of
+//    the tile with one multiply-add over panel row k, vectorised over the tokens.
+//  * accumulators: float32, acc[n][t] in rows of padded(j) floats; store_tile writes them back
+//    transposed, y[m0 + t][n] = round_T(acc[n][t] + bias[n]) (float32 addition, one rounding).
+// The multiply-adds run as AVX2 FMA intrinsics when the CPU has AVX2 and FMA (use_avx2_fma), as
+// plain loops otherwise; both accumulate in float32 (the results differ by rounding only).
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define SPARSE_OPS_AVX2_FMA 1
+#define SPARSE_OPS_TARGET_AVX2_FMA __attribute__((target("avx2,fma")))
+#endif
+
+// AVX2 and FMA present (and SPARSE_OPS_CPU_BASELINE unset): the sparse linear kernels' fast path.
+inline bool use_avx2_fma() {
+#ifdef SPARSE_OPS_AVX2_FMA
+  static const bool yes = [] {
+    const char* force = std::getenv("SPARSE_OPS_CPU_BASELINE");
+    if (force != nullptr && force[0] != '\0' && std::strcmp(force, "0") != 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+constexpr int64_t kTokenLanes = 8;  // float32 lanes of an AVX register: tiles are multiples of 8 tokens
+
+struct TokenTiles {
+  int64_t tokens;  // M
+  int64_t width;   // tokens per tile (a multiple of kTokenLanes); the last tile may hold fewer
+  int64_t count;
+
+  int64_t begin(int64_t j) const { return j * width; }
+  int64_t size(int64_t j) const { return std::min(width, tokens - j * width); }
+  // floats per panel row (and accumulator row) of tile j
+  int64_t padded(int64_t j) const { return (size(j) + kTokenLanes - 1) / kTokenLanes * kTokenLanes; }
+  // tile j's panel starts at begin(j)·K floats; all panels together:
+  int64_t panel_floats(int64_t K) const { return (begin(count - 1) + padded(count - 1)) * K; }
+};
+
+// Tiles of at most max_width tokens (a multiple of 8), all of about the same size.
+inline TokenTiles make_token_tiles(int64_t M, int64_t max_width) {
+  const int64_t count = (M + max_width - 1) / max_width;
+  const int64_t per_tile = (M + count - 1) / count;
+  const int64_t width = (per_tile + kTokenLanes - 1) / kTokenLanes * kTokenLanes;
+  return TokenTiles{M, width, (M + width - 1) / width};
+}
+
+// Split rows [0, rows) (CSR rows or BSR block rows, offsets `crow`) into `parts` ranges of about
+// equal stored entries; inner cut points are multiples of `align` rows. Returns parts + 1 bounds.
+inline std::vector<int64_t> split_rows_by_entries(const int32_t* crow, int64_t rows, int64_t parts, int64_t align) {
+  std::vector<int64_t> cut(parts + 1, rows);
+  cut[0] = 0;
+  const int64_t total = crow[rows];
+  for (int64_t i = 1; i < parts; ++i) {
+    const int64_t target = total * i / parts;  // int32 entries: no overflow
+    int64_t r = std::lower_bound(crow, crow + rows + 1, static_cast<int32_t>(target)) - crow;
+    r = std::min(rows, r / align * align);
+    cut[i] = std::max(cut[i - 1], r);
+  }
+  return cut;
+}
+
+// Threads worth using for `work` multiply-adds: one per ~64K (a thread's start-up costs microseconds).
+inline int64_t worth_threads(int64_t work) {
+  constexpr int64_t kMinWorkPerThread = 1 << 16;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
+}
+
+#ifdef SPARSE_OPS_AVX2_FMA
+// 8 consecutive values of p as float32 (exact conversion)
+template <typename T>
+SPARSE_OPS_TARGET_AVX2_FMA inline __m256 load8_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    alignas(32) float tmp[8];
+    for (int i = 0; i < 8; ++i) tmp[i] = load_value(p + i);
+    return _mm256_load_ps(tmp);
+  }
+}
+
+// p[0..8) = v rounded to T (as store_value does)
+template <typename T>
+SPARSE_OPS_TARGET_AVX2_FMA inline void store8_f32(T* p, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i) store_value(p + i, tmp[i]);
+  }
+}
+
+// r[i][j] <- r[j][i] for an 8×8 block held in 8 registers
+SPARSE_OPS_TARGET_AVX2_FMA inline void transpose8x8(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    s[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    s[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+  }
+}
+
+// Panel columns [0, cols) of 8 tokens (x rows, `rows` of them exist; the others are +0): 8×8 blocks
+// transposed in registers, the last cols % 8 columns one by one.
+template <typename T>
+SPARSE_OPS_TARGET_AVX2_FMA void pack_tokens_avx2(const T* x, int64_t K, int64_t rows, int64_t cols, float* panel,
+                                                 int64_t stride) {
+  const int64_t c8 = cols / 8 * 8;
+  for (int64_t k0 = 0; k0 < c8; k0 += 8) {
+    __m256 r[8];
+    for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? load8_f32(x + i * K + k0) : _mm256_setzero_ps();
+    transpose8x8(r);
+    for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k0 + i) * stride, r[i]);
+  }
+  for (int64_t k = c8; k < cols; ++k) {
+    for (int64_t i = 0; i < 8; ++i) {
+      panel[k * stride + i] = i < rows ? static_cast<float>(load_value(x + i * K + k)) : 0.0f;
+    }
+  }
+}
+
+// store_tile's body for rows [n0, n1): 8×8 blocks transposed in registers, the rest one by one.
+template <typename T>
+SPARSE_OPS_TARGET_AVX2_FMA void store_tile_avx2(const float* acc, int64_t stride, int64_t n0, int64_t n1, int64_t m0,
+                                                int64_t tokens, const float* bias, T* y, int64_t N) {
+  const int64_t n8 = n0 + (n1 - n0) / 8 * 8, t8 = tokens / 8 * 8;
+  for (int64_t n = n0; n < n8; n += 8) {
+    const float* a = acc + (n - n0) * stride;
+    const __m256 b = bias != nullptr ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps();
+    for (int64_t t = 0; t < t8; t += 8) {
+      __m256 r[8];
+      for (int64_t i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(a + i * stride + t);
+      transpose8x8(r);
+      for (int64_t i = 0; i < 8; ++i) store8_f32(y + (m0 + t + i) * N + n, _mm256_add_ps(r[i], b));
+    }
+    for (int64_t t = t8; t < tokens; ++t) {
+      for (int64_t i = 0; i < 8; ++i) {
+        store_value(y + (m0 + t) * N + n + i, a[i * stride + t] + (bias != nullptr ? bias[n + i] : 0.0f));
+      }
+    }
+  }
+  for (int64_t n = n8; n < n1; ++n) {
+    const float b = bias != nullptr ? bias[n] : 0.0f;
+    for (int64_t t = 0; t < tokens; ++t) store_value(y + (m0 + t) * N + n, acc[(n - n0) * stride + t] + b);
+  }
+}
+#endif
+
+// The panels of all tiles of x (M, K): panels + tiles.begin(j)·K holds tile j (see above). Work
+// items are (tile, 64 columns): the 64 panel rows being written stay in L1.
+template <typename T>
+void pack_panels(const T* x, int64_t K, const TokenTiles& tiles, float* panels) {
+  constexpr int64_t kCols = 64;
+  const int64_t col_blocks = (K + kCols - 1) / kCols;
+  at::parallel_for(0, tiles.count * col_blocks, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t j = item / col_blocks, k0 = item % col_blocks * kCols, cols = std::min(kCols, K - k0);
+      const int64_t stride = tiles.padded(j);
+      float* panel = panels + tiles.begin(j) * K + k0 * stride;
+      for (int64_t t = 0; t < tiles.size(j); t += kTokenLanes) {
+        const int64_t rows = std::min(kTokenLanes, tiles.size(j) - t);
+        const T* xs = x + (tiles.begin(j) + t) * K + k0;
+#ifdef SPARSE_OPS_AVX2_FMA
+        if (use_avx2_fma()) {
+          pack_tokens_avx2<T>(xs, K, rows, cols, panel + t, stride);
+          continue;
+        }
+#endif
+        for (int64_t k = 0; k < cols; ++k) {
+          for (int64_t i = 0; i < kTokenLanes; ++i) {
+            panel[k * stride + t + i] = i < rows ? static_cast<float>(load_value(xs + i * K + k)) : 0.0f;
+          }
+        }
+      }
+    }
+  });
+}
+
+// y[m0 + t][n] = round_T(acc[n − n0][t] + bias[n]) for n in [n0, n1), t < tokens; acc rows have
+// `stride` floats; bias is float32 or nullptr.
+template <typename T>
+void store_tile(const float* acc, int64_t stride, int64_t n0, int64_t n1, int64_t m0, int64_t tokens,
+                const float* bias, T* y, int64_t N) {
+#ifdef SPARSE_OPS_AVX2_FMA
+  if (use_avx2_fma()) {
+    store_tile_avx2<T>(acc, stride, n0, n1, m0, tokens, bias, y, N);
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t n = n0; n < n1; ++n) {
+      store_value(y + (m0 + t) * N + n, acc[(n - n0) * stride + t] + (bias != nullptr ? bias[n] : 0.0f));
+    }
+  }
+}
+
+// t as a contiguous float32 tensor (t itself when it already is one)
+inline at::Tensor contiguous_float(const at::Tensor& t) {
+  return t.to(at::kFloat).contiguous();
+}
+
+// Argument checks shared by csr_linear_cpu and bsr_linear_cpu (`blocked`: BSR). Index contents are
+// checked too, in O(rows + stored entries): crow from 0 to the entry count, non-decreasing; columns
+// (block columns for BSR) within [0, cols). Sorted columns are not required.
+inline void check_sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                                const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
+                                bool blocked) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "x must have dtype float32, float16 or bfloat16 (float64 runs on the reference), got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) >= 1, "x must be 2-D (tokens, in_features) with in_features >= 1, got shape ",
+              x.sizes());
+  TORCH_CHECK(out_features >= 1, "out_features must be positive, got ", out_features);
+  check_cpu(crow, "crow_indices");
+  check_cpu(col, "col_indices");
+  check_cpu(values, "values");
+  TORCH_CHECK(crow.scalar_type() == at::kInt && crow.dim() == 1, "crow_indices must be a 1-D int32 tensor, got ",
+              crow.scalar_type(), " of shape ", crow.sizes());
+  TORCH_CHECK(col.scalar_type() == at::kInt && col.dim() == 1, "col_indices must be a 1-D int32 tensor, got ",
+              col.scalar_type(), " of shape ", col.sizes());
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), "values must have the dtype of x (", x.scalar_type(), "), got ",
+              values.scalar_type());
+  int64_t rows = out_features, cols = x.size(1);
+  if (blocked) {
+    TORCH_CHECK(values.dim() == 3 && values.size(1) >= 1 && values.size(2) >= 1,
+                "values must have shape (nnz_blocks, block_rows, block_cols), got ", values.sizes());
+    rows = (out_features + values.size(1) - 1) / values.size(1);
+    cols = (x.size(1) + values.size(2) - 1) / values.size(2);
+  } else {
+    TORCH_CHECK(values.dim() == 1, "values must be 1-D (nnz,), got shape ", values.sizes());
+  }
+  TORCH_CHECK(crow.numel() == rows + 1, "crow_indices must have ", rows + 1, " entries for out_features=",
+              out_features, ", got ", crow.numel());
+  TORCH_CHECK(col.numel() == values.size(0), "col_indices has ", col.numel(), " entries but values has ",
+              values.size(0), "; they must match");
+  if (bias.has_value() && bias->defined()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == out_features,
+                "bias must be None or of shape (", out_features, ",) and dtype ", x.scalar_type(), ", got ",
+                bias->scalar_type(), " ", bias->sizes());
+  }
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  const int32_t* c = crow_c.const_data_ptr<int32_t>();
+  const int64_t entries = col.numel();
+  TORCH_CHECK(c[0] == 0 && c[rows] == entries, "crow_indices must start at 0 and end at nnz=", entries, ", got ", c[0],
+              " … ", c[rows]);
+  bool ordered = true;
+  for (int64_t r = 0; r < rows; ++r) ordered &= c[r] <= c[r + 1];
+  TORCH_CHECK(ordered, "crow_indices must be non-decreasing");
+  const int32_t* k = col_c.const_data_ptr<int32_t>();
+  uint32_t top = 0;  // largest column as unsigned: negative columns count as huge
+  run_vectorised([&] {
+    uint32_t m = 0;  // a local: the loop vectorises
+    for (int64_t p = 0; p < entries; ++p) m = std::max(m, static_cast<uint32_t>(k[p]));
+    top = m;
+  });
+  if (top >= static_cast<uint64_t>(cols)) {
+    const auto [lo, hi] = std::minmax_element(k, k + entries);
+    TORCH_CHECK(false, "col_indices must lie in [0, ", cols, "), got [", *lo, ", ", *hi, "]");
+  }
 }
 
 }  // namespace sparse_ops

@@ -1,0 +1,279 @@
+// CPU kernel of sparse_ops::csr_linear_cpu (schema in sparse_ops/ops.py; reference:
+// sparse_ops.reference.csr_linear_ref).
+//
+//   y = x·Wᵀ + bias,  x (M, K) contiguous, W (N × K) in CSR by rows (int32 crow_indices (N + 1),
+//   col_indices (nnz), values (nnz)), bias (N) or None; returns a new (M, N) tensor in x.dtype.
+//
+// Numerics: float32, float16 and bfloat16; products and sums in float32 (fused multiply-adds on the
+// AVX2 path), the bias added in float32 and the result rounded once to x.dtype. The order of the
+// sums differs from PyTorch's dense F.linear, so results agree with it to rounding (the tests use
+// flash-attention's rule: at most twice PyTorch's own error against a float64 reference).
+//
+// Algorithm (see common.h, "sparse linear layers"): rows are split between threads by stored
+// entries (not by count), so uneven rows still balance.
+//  * M = 1: one dot product per row over the gathered entries of x (AVX2 gathers for float32).
+//  * M ≥ 2: x is packed once into float32 panels of up to 64 tokens (x transposed); each stored
+//    w[n, k] is one broadcast multiply-add of panel row k into row n's accumulators, which stay in
+//    registers for the whole row. For cache locality the columns are walked in chunks: each thread
+//    passes over all its rows once per chunk of columns, so the chunk of the panel it reads (about
+//    64 KB) stays in L1/L2; per-row cursors remember where each row's next chunk starts (columns
+//    sorted within a row keep every pass short; unsorted columns still give the right result).
+// Without AVX2/FMA (or with SPARSE_OPS_CPU_BASELINE=1) the same steps run as plain loops.
+#include <torch/library.h>
+
+#include <array>
+#include <limits>
+
+#include "common.h"
+
+namespace sparse_ops {
+namespace {
+
+constexpr int64_t kMaxTileTokens = 64;            // 8 AVX registers of accumulators per row
+constexpr int64_t kPanelChunkBytes = 64 * 1024;   // panel bytes one pass over the rows reads
+constexpr int64_t kStoreRows = 16;                // rows per write-back group
+
+// One pass over rows [0, rows) for the columns below `limit`: row r continues from cursor[r] up to
+// its end row_end[r] or its first column ≥ limit, adding val·panel[col] into acc row r (which
+// starts at zero when `first`). V: accumulator vectors (tile of 8V tokens).
+struct ChunkArgs {
+  const int32_t* col;
+  const float* val;
+  const int32_t* row_end;  // crow + first row + 1
+  int64_t* cursor;
+  int64_t rows;
+  int32_t limit;
+  const float* panel;
+  float* acc;
+  bool first;
+};
+
+using ChunkFn = void (*)(const ChunkArgs&);
+
+#ifdef SPARSE_OPS_AVX2_FMA
+#define UNROLL _Pragma("GCC unroll 16")  // fully unrolled loops keep the accumulator arrays in registers
+
+template <int V>
+SPARSE_OPS_TARGET_AVX2_FMA void chunk_avx2(const ChunkArgs& a) {
+  constexpr int64_t W = 8 * V;
+  // independent accumulator sets, so that at least ~8 FMA chains hide the FMA latency
+  constexpr int S = V >= 5 ? 1 : (V >= 3 ? 2 : 4);
+  const int32_t* __restrict__ col = a.col;
+  const float* __restrict__ val = a.val;
+  const float* __restrict__ panel = a.panel;
+  const int32_t limit = a.limit;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float* __restrict__ out = a.acc + r * W;
+    __m256 acc[S][V];
+    UNROLL for (int v = 0; v < V; ++v) acc[0][v] = a.first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + 8 * v);
+    UNROLL for (int s = 1; s < S; ++s) {
+      UNROLL for (int v = 0; v < V; ++v) acc[s][v] = _mm256_setzero_ps();
+    }
+    int64_t p = a.cursor[r];
+    const int64_t end = a.row_end[r];
+    for (; p + S <= end && col[p + S - 1] < limit; p += S) {
+      UNROLL for (int s = 0; s < S; ++s) {
+        const __m256 w = _mm256_broadcast_ss(val + p + s);
+        const float* xk = panel + static_cast<int64_t>(col[p + s]) * W;
+        UNROLL for (int v = 0; v < V; ++v) acc[s][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + 8 * v), acc[s][v]);
+      }
+    }
+    for (; p < end && col[p] < limit; ++p) {
+      const __m256 w = _mm256_broadcast_ss(val + p);
+      const float* xk = panel + static_cast<int64_t>(col[p]) * W;
+      UNROLL for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + 8 * v), acc[0][v]);
+    }
+    a.cursor[r] = p;
+    UNROLL for (int s = 1; s < S; ++s) {
+      UNROLL for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[s][v]);
+    }
+    UNROLL for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + 8 * v, acc[0][v]);
+  }
+}
+#undef UNROLL
+
+// y[n] = Σ val·x[col] + bias[n] for rows [n0, n1), one token: 8 entries per gather.
+SPARSE_OPS_TARGET_AVX2_FMA void gemv_avx2(const int32_t* crow, const int32_t* col, const float* val, const float* x,
+                                          const float* bias, float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t p = crow[n];
+    const int64_t end = crow[n + 1];
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; p + 16 <= end; p += 16) {
+      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p));
+      const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p + 8));
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p), _mm256_i32gather_ps(x, c0, 4), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p + 8), _mm256_i32gather_ps(x, c1, 4), s1);
+    }
+    if (p + 8 <= end) {
+      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p));
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p), _mm256_i32gather_ps(x, c0, 4), s0);
+      p += 8;
+    }
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float sum = _mm_cvtss_f32(h);
+    for (; p < end; ++p) sum = std::fma(val[p], x[col[p]], sum);
+    y[n] = sum + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
+#endif
+
+template <int V>
+void chunk_plain(const ChunkArgs& a) {
+  constexpr int64_t W = 8 * V;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float acc[W];
+    for (int64_t t = 0; t < W; ++t) acc[t] = a.first ? 0.0f : a.acc[r * W + t];
+    int64_t p = a.cursor[r];
+    for (; p < a.row_end[r] && a.col[p] < a.limit; ++p) {
+      const float w = a.val[p];
+      const float* xk = a.panel + static_cast<int64_t>(a.col[p]) * W;
+      for (int64_t t = 0; t < W; ++t) acc[t] += w * xk[t];
+    }
+    a.cursor[r] = p;
+    for (int64_t t = 0; t < W; ++t) a.acc[r * W + t] = acc[t];
+  }
+}
+
+// y[n] for rows [n0, n1), one token, values and bias of type T converted on the fly.
+template <typename T>
+void gemv_plain(const int32_t* crow, const int32_t* col, const T* val, const float* x, const float* bias, T* y,
+                int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // 4 independent sums
+    int64_t p = crow[n];
+    const int64_t end = crow[n + 1];
+    for (; p + 4 <= end; p += 4) {
+      for (int i = 0; i < 4; ++i) s[i] += static_cast<float>(load_value(val + p + i)) * x[col[p + i]];
+    }
+    for (; p < end; ++p) s[0] += static_cast<float>(load_value(val + p)) * x[col[p]];
+    store_value(y + n, ((s[0] + s[1]) + (s[2] + s[3])) + (bias != nullptr ? bias[n] : 0.0f));
+  }
+}
+
+template <int... Vs>
+constexpr std::array<ChunkFn, sizeof...(Vs) + 1> chunk_table(bool avx2) {
+#ifdef SPARSE_OPS_AVX2_FMA
+  if (avx2) return {nullptr, &chunk_avx2<Vs>...};
+#endif
+  return {nullptr, &chunk_plain<Vs>...};
+}
+
+// M ≥ 2: panels, column chunks, transposed write-back (see the file comment).
+template <typename T>
+void csr_tiles(const T* x, int64_t M, int64_t K, const int32_t* crow, const int32_t* col, const float* val,
+               const float* bias, T* y, int64_t N) {
+  const TokenTiles tiles = make_token_tiles(M, kMaxTileTokens);
+  at::Tensor panels = at::empty({tiles.panel_floats(K)}, at::kFloat);
+  pack_panels<T>(x, K, tiles, panels.data_ptr<float>());
+
+  // column chunks: about kPanelChunkBytes of panel each, all of about the same width
+  const int64_t chunk_cols = std::max<int64_t>(8, kPanelChunkBytes / (4 * tiles.width));
+  const int64_t chunks = (K + chunk_cols - 1) / chunk_cols;
+  const int64_t cols_per_chunk = (K + chunks - 1) / chunks;
+
+  at::Tensor acc = at::empty({N * tiles.width}, at::kFloat);
+  at::Tensor cursors = at::empty({N}, at::kLong);
+  const auto table = chunk_table<1, 2, 3, 4, 5, 6, 7, 8>(use_avx2_fma());
+  const int64_t parts = worth_threads(M * static_cast<int64_t>(crow[N]));
+  const std::vector<int64_t> cut = split_rows_by_entries(crow, N, parts, 8);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t n0 = cut[part], n1 = cut[part + 1];
+      if (n0 == n1) continue;
+      for (int64_t j = 0; j < tiles.count; ++j) {
+        const int64_t W = tiles.padded(j);
+        ChunkArgs args{col, val, crow + n0 + 1, cursors.data_ptr<int64_t>() + n0, n1 - n0, 0,
+                       panels.data_ptr<float>() + tiles.begin(j) * K, acc.data_ptr<float>() + n0 * tiles.width, true};
+        for (int64_t n = n0; n < n1; ++n) args.cursor[n - n0] = crow[n];
+        for (int64_t c = 0; c + 1 < chunks; ++c) {
+          args.limit = static_cast<int32_t>((c + 1) * cols_per_chunk);
+          args.first = c == 0;
+          table[W / 8](args);
+        }
+        // last chunk: groups of rows, each written to y while its accumulators are in L1
+        args.limit = std::numeric_limits<int32_t>::max();
+        args.first = chunks == 1;
+        for (int64_t g = n0; g < n1; g += kStoreRows) {
+          ChunkArgs group = args;
+          group.row_end += g - n0;
+          group.cursor += g - n0;
+          group.rows = std::min(kStoreRows, n1 - g);
+          group.acc += (g - n0) * W;
+          table[W / 8](group);
+          store_tile<T>(group.acc, W, g, g + group.rows, tiles.begin(j), tiles.size(j), bias, y, N);
+        }
+      }
+    }
+  });
+}
+
+// M = 1
+template <typename T>
+void csr_gemv(const T* x, int64_t K, const int32_t* crow, const int32_t* col, const T* val, const float* bias,
+              T* y, int64_t N) {
+  at::Tensor xf;
+  const float* xp;
+  if constexpr (std::is_same_v<T, float>) {
+    xp = x;
+  } else {
+    xf = at::empty({K}, at::kFloat);
+    for (int64_t k = 0; k < K; ++k) xf.data_ptr<float>()[k] = load_value(x + k);
+    xp = xf.data_ptr<float>();
+  }
+  const int64_t parts = worth_threads(crow[N]);
+  const std::vector<int64_t> cut = split_rows_by_entries(crow, N, parts, 8);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+#ifdef SPARSE_OPS_AVX2_FMA
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_avx2_fma()) {
+          gemv_avx2(crow, col, val, xp, bias, y, cut[part], cut[part + 1]);
+          continue;
+        }
+      }
+#endif
+      gemv_plain<T>(crow, col, val, xp, bias, y, cut[part], cut[part + 1]);
+    }
+  });
+}
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
+  check_sparse_linear(x, crow_indices, col_indices, values, bias, out_features, /*blocked=*/false);
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0) return y;
+  const at::Tensor xc = x.contiguous(), crow = crow_indices.contiguous(), col = col_indices.contiguous();
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor bias_f = bias.has_value() && bias->defined() ? contiguous_float(*bias) : at::Tensor();
+  const float* b = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    if (M == 1) {
+      csr_gemv<T>(xc.const_data_ptr<T>(), K, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
+                  vals.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), N);
+    } else {
+      const at::Tensor vf = contiguous_float(vals);  // float32 values: no conversion in the inner loop
+      csr_tiles<T>(xc.const_data_ptr<T>(), M, K, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
+                   vf.const_data_ptr<float>(), b, y.mutable_data_ptr<T>(), N);
+    }
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: run(c10::BFloat16{}); break;  // the only other dtype check_sparse_linear lets through
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparse_ops, CPU, m) {
+  m.impl("csr_linear_cpu", &csr_linear_cpu);
+}
+
+}  // namespace sparse_ops
