@@ -58,7 +58,7 @@ DEFAULTS = {
             "sparsities": "0.5,0.8,0.9,0.95,0.99", "formats": "dense,csr,bsr32,torch_csr,torch_bsr32"},
 }
 CPU_SKIP_TOKENS_ABOVE = {"llm": 128}  # CPU: LLM shapes only up to 128 tokens (dense 2048 × 11008 × 4096 ≈ 2 s)
-CPU_TORCH_BSR_MAX_TOKENS = 16  # CPU, LLM shapes: torch.sparse BSR takes seconds per call beyond this
+CPU_TORCH_BSR_MAX_TOKENS = {"bert": 128, "llm": 16}  # CPU: torch.sparse BSR takes seconds per call beyond these
 
 
 def masked_weight(out_f: int, in_f: int, sparsity: float, block: int | None, dtype, device, gen) -> torch.Tensor:
@@ -127,8 +127,8 @@ def bench_point(args, env, shape_name, out_f, in_f, tokens, dtype, sparsity, for
     weights = {}  # pattern (None = element, b = blocks) -> weight
     rows, dense_ms = [], None
     for fmt in formats:
-        if (device == "cpu" and fmt.startswith("torch_bsr") and shape_name.startswith("llm")
-                and tokens > CPU_TORCH_BSR_MAX_TOKENS and not args.formats):
+        if (device == "cpu" and fmt.startswith("torch_bsr") and not args.formats
+                and tokens > CPU_TORCH_BSR_MAX_TOKENS[shape_name.split("-")[0]]):
             continue
         pattern = None if fmt in ("dense", "csr", "torch_csr") else block_of(fmt)
         if pattern not in weights:
