@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sparse_ops  # noqa: F401  (registers the ops)
+from sparse_ops.nn import FORMAT_CACHE
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -32,3 +33,12 @@ def triton_device(device: str) -> str:
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
     return device
+
+
+@pytest.fixture(autouse=True)
+def private_format_cache(monkeypatch, tmp_path):
+    """format="auto" decisions of one test neither leak into another nor reach ~/.cache."""
+    monkeypatch.setenv("SPARSE_OPS_CACHE_DIR", str(tmp_path / "format_cache"))
+    FORMAT_CACHE.clear()
+    yield
+    FORMAT_CACHE.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _bsr_weights import random_bsr_weight
 from _tolerance import assert_tolerance
 from conftest import FLOAT_DTYPES, triton_device, triton_kernels
 
@@ -22,26 +23,6 @@ OUT, IN = 40, 70
 BLOCKS = [(16, 16), (32, 32), (16, 32)]
 # (tokens, bias): skinny fma (1, 3), skinny dot (12, 16), tiled (20, 33)
 TOKENS = [(1, True), (3, False), (12, True), (16, False), (20, True), (33, False)]
-
-
-def random_bsr_weight(out_features, in_features, block, density, dtype, device, generator, empty_rows=(1,)):
-    """A dense weight whose blocks are non-zero with probability `density` (block rows in `empty_rows`
-    all zero), and its BSR triple with NaN written into the padding of every stored block."""
-    br, bc = block
-    nbr, nbc = -(-out_features // br), -(-in_features // bc)
-    keep = torch.rand(nbr, nbc, generator=generator) < density
-    for r in empty_rows:
-        if r < nbr:
-            keep[r] = False
-    element_keep = keep.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:out_features, :in_features]
-    weight = (torch.randn(out_features, in_features, generator=generator) * element_keep).to(dtype)
-    crow, col, values = dense_to_bsr(weight, block)
-    block_row = torch.repeat_interleave(torch.arange(nbr), (crow[1:] - crow[:-1]).long())
-    rows = block_row[:, None] * br + torch.arange(br)  # (nnz, br) weight row of each block row
-    cols = col.long()[:, None] * bc + torch.arange(bc)  # (nnz, bc)
-    padding = (rows >= out_features)[:, :, None] | (cols >= in_features)[:, None, :]
-    values = values.masked_fill(padding, float("nan"))
-    return weight.to(device), crow.to(device), col.to(device), values.to(device)
 
 
 def check_against_float64(y, x, weight, bias):

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import _bsr_weights
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,22 +38,8 @@ TOKENS = [1, 4, 5, 17, 300]
 
 
 def random_bsr_weight(out_features, in_features, block, density, dtype, generator, empty_rows=(1,)):
-    """A dense weight whose blocks are non-zero with probability `density` (block rows in `empty_rows`
-    all zero), and its BSR triple with NaN written into the padding of every stored block."""
-    br, bc = block
-    nbr, nbc = -(-out_features // br), -(-in_features // bc)
-    keep = torch.rand(nbr, nbc, generator=generator) < density
-    for r in empty_rows:
-        if r < nbr:
-            keep[r] = False
-    element_keep = keep.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:out_features, :in_features]
-    weight = (torch.randn(out_features, in_features, generator=generator) * element_keep).to(dtype)
-    crow, col, values = dense_to_bsr(weight, block)
-    block_row = torch.repeat_interleave(torch.arange(nbr), (crow[1:] - crow[:-1]).long())
-    rows = block_row[:, None] * br + torch.arange(br)  # (nnz, br): weight row of each block row
-    cols = col.long()[:, None] * bc + torch.arange(bc)  # (nnz, bc)
-    padding = (rows >= out_features)[:, :, None] | (cols >= in_features)[:, None, :]
-    return weight, crow, col, values.masked_fill(padding, float("nan"))
+    return _bsr_weights.random_bsr_weight(out_features, in_features, block, density, dtype, "cpu", generator,
+                                          empty_rows)
 
 
 def check_against_float64(y, x, weight, bias):
@@ -184,6 +171,7 @@ def test_block_rows_of_very_different_sizes_split_between_threads():
 _BASELINE_SCRIPT = """
 import torch, torch.nn.functional as F
 import sparse_ops
+import _bsr_weights
 from _tolerance import assert_tolerance
 from test_bsr_linear_cpu import random_bsr_weight
 g = torch.Generator().manual_seed(0)

@@ -22,19 +22,10 @@ from transformers import BertConfig, BertModel
 
 from sparse_ops import ExportReport, SparseLinear, export, load_exported, save_exported
 from sparse_ops.export import read_plan
-from sparse_ops.nn import FORMAT_CACHE, FormatCache, format_cache_key
+from sparse_ops.nn import FormatCache, format_cache_key
 
 BLOCK = (16, 16)
 ATTENTION = r"attention\.self\.(query|key|value)$"  # pruned element-wise; the other encoder linears by blocks
-
-
-@pytest.fixture(autouse=True)
-def private_format_cache(monkeypatch, tmp_path):
-    """format="auto" decisions of one test neither leak into another nor reach ~/.cache."""
-    monkeypatch.setenv("SPARSE_OPS_CACHE_DIR", str(tmp_path / "format_cache"))
-    FORMAT_CACHE.clear()
-    yield
-    FORMAT_CACHE.clear()
 
 
 def bert_config(hidden=64, layers=2):

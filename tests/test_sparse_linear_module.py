@@ -19,7 +19,6 @@ from torch import nn
 
 from sparse_ops import SparseLinear, formats
 from sparse_ops.nn import (
-    FORMAT_CACHE,
     FormatCache,
     choose_format,
     format_cache_key,
@@ -28,14 +27,6 @@ from sparse_ops.nn import (
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-
-@pytest.fixture(autouse=True)
-def private_format_cache(monkeypatch, tmp_path):
-    """format="auto" decisions of one test neither leak into another nor reach ~/.cache."""
-    monkeypatch.setenv("SPARSE_OPS_CACHE_DIR", str(tmp_path / "format_cache"))
-    FORMAT_CACHE.clear()
-    yield
-    FORMAT_CACHE.clear()
 
 LAYOUTS = [("csr", None), ("bsr", (16, 16)), ("bsr", (32, 64)), ("bsr", (8, 4)), ("bsr", (64, 64)), ("dense", None)]
 
