@@ -253,17 +253,24 @@ def add_speedups(rows: list[dict], eager_variant: str) -> None:
             r["speedup_vs_eager"] = eager / r["time_ms"]
 
 
-def write_results(rows: list[dict], out_dir: str, name: str, *, meta: dict, notes: list[str], title: str) -> list[str]:
-    """Write <name>.json (meta, notes, rows), <name>.csv (rows) and <name>.png; return the paths."""
+def write_rows(rows: list[dict], out_dir: str, name: str, *, meta: dict, notes: list[str], fields) -> str:
+    """Write <out_dir>/<name>.json (meta, notes, rows) and <name>.csv (rows, dict cells as JSON); return
+    the common path prefix <out_dir>/<name>."""
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, name)
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "notes": notes, "rows": rows}, f, indent=1, default=str)
     with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+    return base
+
+
+def write_results(rows: list[dict], out_dir: str, name: str, *, meta: dict, notes: list[str], title: str) -> list[str]:
+    """Write <name>.json (meta, notes, rows), <name>.csv (rows) and <name>.png; return the paths."""
+    base = write_rows(rows, out_dir, name, meta=meta, notes=notes, fields=ROW_FIELDS)
     plot_times(rows, base + ".png", title=title)
     return [base + ext for ext in (".json", ".csv", ".png")]
 

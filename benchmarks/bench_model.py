@@ -17,8 +17,6 @@ model, granularity and batch × sequence.
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import math
 import os
 import re
@@ -164,15 +162,8 @@ def main() -> None:
                           f"  exported {ts.median_ms:9.2f} ms  speedup {row['speedup']:.2f}x  [{row['check']}]",
                           flush=True)
     notes = C.busy_note() + [f"dtype {dtype}; attention, embeddings, LayerNorm and GELU stay dense in every row"]
-    os.makedirs(args.out, exist_ok=True)
-    base_path = os.path.join(args.out, "model" + ("_quick" if args.quick else ""))
-    with open(base_path + ".json", "w") as f:
-        json.dump({"meta": C.run_meta(env, args), "notes": notes, "rows": rows}, f, indent=1, default=str)
-    with open(base_path + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+    base_path = C.write_rows(rows, args.out, "model" + ("_quick" if args.quick else ""), meta=C.run_meta(env, args),
+                             notes=notes, fields=FIELDS)
     plot(rows, base_path + ".png", f"encoder speedup, exported vs dense, {dtype}, {env['device']}")
     best = max((r["speedup"] for r in rows if math.isclose(r["sparsity"], 0.9)), default=None)
     if best is not None:

@@ -25,10 +25,7 @@ sparsity, one subplot per shape, one line per format and token count.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import traceback
 
 import _common as C
@@ -260,16 +257,7 @@ def main() -> None:
                      f"(csr_linear: {cpu_backend('csr_linear')}, bsr_linear: {cpu_backend('bsr_linear')}); "
                      "torch.sparse has no 16-bit CPU kernels. The GPU rows of SPEC §6 need a GPU.")
     name = "sparse_linear" + ("_quick" if args.quick else "")
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, name)
-    meta = C.run_meta(env, args)
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "notes": notes, "rows": rows}, f, indent=1, default=str)
-    with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+    base = C.write_rows(rows, args.out, name, meta=C.run_meta(env, args), notes=notes, fields=FIELDS)
     paths = [base + ".json", base + ".csv"]
     for dtype in dtypes:
         d = str(dtype).replace("torch.", "")
