@@ -7,6 +7,8 @@ import csv
 import os
 import random
 
+import pytest
+
 POSITIVE = ["good", "great", "superb", "moving", "funny", "sharp", "warm", "brilliant"]
 NEGATIVE = ["bad", "dull", "tedious", "clumsy", "boring", "flat", "awful", "inert"]
 NEUTRAL = ["the", "film", "plot", "cast", "story", "is", "and", "a", "very", "but", "score", "movie"]
@@ -47,3 +49,15 @@ def make_csv(path: str, n: int = 200, seed: int = 0, header=("review", "sentimen
         writer.writerow(header)
         writer.writerows(sentences(n, seed))
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread (and do not fight other processes for cores); import it
+    into a test module to apply it there."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,6 +3,8 @@ Triton kernels also run (slowly, program by program) on CPU tensors. Keep their 
 Format choices of export(format="auto") are cached in a temporary folder, never in ~/.cache."""
 
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -42,3 +44,14 @@ def private_format_cache(monkeypatch, tmp_path):
     FORMAT_CACHE.clear()
     yield
     FORMAT_CACHE.clear()
+
+
+def run_with_cpu_baseline(script: str) -> None:
+    """Run `script` in a fresh interpreter with SPARSE_OPS_CPU_BASELINE=1 (the C++ loops used on CPUs
+    without AVX2/FMA; the choice is made once per process) and tests/ on the path; it must print "ok"."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, SPARSE_OPS_CPU_BASELINE="1",
+               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

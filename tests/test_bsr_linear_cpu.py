@@ -12,15 +12,13 @@ real outputs, returns NaN and fails. Both paths run: dot products (M ≤ 4) and 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import _bsr_weights
 import pytest
 import torch
 import torch.nn.functional as F
 from _tolerance import assert_tolerance
-from conftest import FLOAT_DTYPES
+from conftest import FLOAT_DTYPES, run_with_cpu_baseline
 
 from sparse_ops.formats import dense_to_bsr
 from sparse_ops.ops import has_cpu_kernel, use_backend
@@ -190,12 +188,7 @@ print("ok")
 @needs_kernel
 def test_plain_loop_path_without_avx2():
     """SPARSE_OPS_CPU_BASELINE=1 forces the loops that run on CPUs without AVX2/FMA."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, SPARSE_OPS_CPU_BASELINE="1",
-               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_with_cpu_baseline(_BASELINE_SCRIPT)
 
 
 def _triple():

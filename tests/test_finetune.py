@@ -6,20 +6,11 @@ import os
 
 import pytest
 import torch
-from _tiny import make_csv, make_model_dir
+from _tiny import make_csv, make_model_dir, one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
 from sparse_ops import Pruner, PruningConfig, data, finetune
 from sparse_ops.finetune import FinetuneConfig, SoftMovementTuner
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
