@@ -5,7 +5,10 @@ One step is what a training loop does after backward, for every targeted matrix 
             G = G⊙M + (1/n)·∂[−log π(W)]/∂W  (the prior gradient, in float32, is not masked: the order
             of fused_prune_step)
   movement  t = count-th smallest S over all matrices; M = S > t (scores before the update);
-            S = S − η·G⊙W (unmasked G); G = G⊙M
+            S = S − η·G⊙W (unmasked G); G = G⊙M   (the first-order score update, score_optimizer="sgd")
+  movement_adam  the same mask, with the scores' bias-corrected Adam step on G⊙W as torch.optim.Adam
+            takes it (fp32 moments m, v read and written; the Pruner's default): m ← lerp(m, G⊙W, 1−β1),
+            v ← β2·v + (1−β2)(G⊙W)², S ← S − (η/(1−β1^t))·m/(√v/√(1−β2^t) + ε); G = G⊙M
 Variants, timed from the same state (gradients are restored before every call, outside the timing; the
 first call, checked against eager's, is the first warm-up call):
   eager       the math as separate PyTorch ops; t = torch.kthvalue(torch.cat(keys)); prunes every tie of t
@@ -14,7 +17,7 @@ first call, checked against eager's, is the first warm-up call):
               histogram the previous step emitted) + torch.ops.sparse_ops.fused_prune_step per matrix
   fused_only  torch.ops.sparse_ops.fused_prune_step per matrix with a precomputed threshold: the kernel alone
 bytes_moved is the minimum traffic of the elementwise step: per element W read, G read+write, S read+write
-(movement) and a 1-byte mask write. Threshold selection is not counted, so GB/s of the full-step variants is
+(movement), m and v read+write (float32, movement_adam) and a 1-byte mask write. Threshold selection is not counted, so GB/s of the full-step variants is
 an effective figure; fused_only's GB/s is the kernel's, to set against the measured copy bandwidth.
 check compares each variant's first step with eager's: mask elements that differ (ties of t only, as
 eager prunes all ties) and max |ΔG| / max |G| where the masks agree.
@@ -34,6 +37,8 @@ from sparse_ops.ops import cpu_backend
 PRIOR = dict(lam=0.1, var0=1e-10, var1=0.05)
 PRIOR_SCALE = 1e-5   # 1/n, n = 100k training examples
 SCORE_LR = 1e-2
+ADAM = dict(score_step=10, score_beta1=0.9, score_beta2=0.999, score_eps=1e-8)  # a step after some training
+MOVEMENT_METHODS = ("movement", "movement_adam")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +52,8 @@ class State:
     grads: list[torch.Tensor]
     scores: list[torch.Tensor]
     masks: list[torch.Tensor]
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
     grads0: list[torch.Tensor]
     scores0: list[torch.Tensor]
 
@@ -57,7 +64,9 @@ class State:
         grads0 = [(1e-3 * torch.randn(s, device=device)).to(dtype) for s in shapes]
         scores0 = [(1e-2 * torch.randn(s, device=device)).to(dtype) for s in shapes]  # scores after some training
         return cls(weights, [g.clone() for g in grads0], [s.clone() for s in scores0],
-                   [torch.empty(s, dtype=torch.bool, device=device) for s in shapes], grads0, scores0)
+                   [torch.empty(s, dtype=torch.bool, device=device) for s in shapes],
+                   [torch.zeros(s, device=device) for s in shapes], [torch.zeros(s, device=device) for s in shapes],
+                   grads0, scores0)
 
     def restore_grads(self) -> None:
         for g, g0 in zip(self.grads, self.grads0):
@@ -67,6 +76,8 @@ class State:
         self.restore_grads()
         for s, s0 in zip(self.scores, self.scores0):
             s.copy_(s0)
+        for m in self.exp_avg + self.exp_avg_sq:
+            m.fill_(1e-8)  # moments of an earlier step: m, v > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,9 +104,30 @@ def eager_movement(weights, grads, scores, masks, count: int) -> None:
         g.masked_fill_(~m, 0)
 
 
+def eager_movement_adam(weights, grads, scores, masks, exp_avg, exp_avg_sq, count: int) -> None:
+    """Movement step with Adam on the scores as separate PyTorch ops (torch.optim.Adam's single-tensor
+    arithmetic), in place (see the module docstring)."""
+    step_size, bias2_sqrt = sparse_ops.reference.adam_constants(SCORE_LR, ADAM["score_step"], ADAM["score_beta1"],
+                                                                ADAM["score_beta2"])
+    t = torch.kthvalue(torch.cat([s.flatten() for s in scores]), count).values
+    for w, g, s, m, ea, eq in zip(weights, grads, scores, masks, exp_avg, exp_avg_sq):
+        m.copy_(s > t)
+        score_grad = g * w
+        ea.lerp_(score_grad, 1 - ADAM["score_beta1"])
+        eq.mul_(ADAM["score_beta2"]).addcmul_(score_grad, score_grad, value=1 - ADAM["score_beta2"])
+        s.addcdiv_(ea, (eq.sqrt() / bias2_sqrt).add_(ADAM["score_eps"]), value=-step_size)
+        g.masked_fill_(~m, 0)
+
+
+EAGER = {"mgpp": eager_mgpp, "movement": eager_movement, "movement_adam": eager_movement_adam}
+
+
 def eager_step(fn, state: State, method: str, count: int):
     if method == "mgpp":
         return lambda: fn(state.weights, state.grads, state.masks, count)
+    if method == "movement_adam":
+        return lambda: fn(state.weights, state.grads, state.scores, state.masks, state.exp_avg, state.exp_avg_sq,
+                          count)
     return lambda: fn(state.weights, state.grads, state.scores, state.masks, count)
 
 
@@ -108,12 +140,13 @@ class SparseOpsStep:
 
     def __init__(self, state: State, method: str, count: int):
         self.state, self.method, self.count = state, method, count
-        self.movement = method == "movement"
+        self.movement = method in MOVEMENT_METHODS
+        self.adam = method == "movement_adam"
         self.offsets = [0]
         for w in state.weights[:-1]:
             self.offsets.append(self.offsets[-1] + w.numel())
         if self.movement:
-            self.kwargs = dict(method="movement", score_lr=SCORE_LR)
+            self.kwargs = dict(method="movement", score_lr=SCORE_LR, **(ADAM if self.adam else {}))
             prefix = torch.zeros(2, dtype=torch.int64, device=state.weights[0].device)
             self.histogram = torch.ops.sparse_ops.radix_histogram(state.scores, prefix, 0, False)
         else:
@@ -128,10 +161,12 @@ class SparseOpsStep:
     def fused(self, thr: sparse_ops.Threshold) -> None:
         s = self.state
         histogram = torch.zeros_like(self.histogram) if self.movement else None
-        scores = s.scores if self.movement else [None] * len(s.weights)
-        for w, g, sc, m, off in zip(s.weights, s.grads, scores, s.masks, self.offsets):
-            torch.ops.sparse_ops.fused_prune_step(w, g, sc, m, histogram, threshold=thr.value, tie_cut=thr.tie_cut,
-                                                  index_offset=off, **self.kwargs)
+        none = [None] * len(s.weights)
+        scores = s.scores if self.movement else none
+        exp_avg, exp_avg_sq = (s.exp_avg, s.exp_avg_sq) if self.adam else (none, none)
+        for w, g, sc, m, ea, eq, off in zip(s.weights, s.grads, scores, s.masks, exp_avg, exp_avg_sq, self.offsets):
+            torch.ops.sparse_ops.fused_prune_step(w, g, sc, m, histogram, ea, eq, threshold=thr.value,
+                                                  tie_cut=thr.tie_cut, index_offset=off, **self.kwargs)
         self.histogram = histogram
 
     def __call__(self) -> None:
@@ -156,9 +191,10 @@ def bench_method(args, env, state: State, set_name: str, method: str, copy_gbps:
     dtype, device = state.weights[0].dtype, args.device
     numel = sum(w.numel() for w in state.weights)
     count = int(round(args.sparsity * numel))
-    per_elem = dtype.itemsize * (3 + (2 if method == "movement" else 0)) + 1
+    moments = 16 if method == "movement_adam" else 0  # two float32 buffers, read and written
+    per_elem = dtype.itemsize * (3 + (2 if method in MOVEMENT_METHODS else 0)) + 1 + moments
     backend = "triton" if device == "cuda" else cpu_backend("fused_prune_step")
-    eager_fn = eager_mgpp if method == "mgpp" else eager_movement
+    eager_fn = EAGER[method]
     variants = [("eager", "aten", lambda: eager_step(eager_fn, state, method, count))]
     if not args.no_compile:
         variants.append(("compile", "inductor", lambda: eager_step(torch.compile(eager_fn), state, method, count)))
@@ -200,7 +236,7 @@ def main() -> None:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--sets", default=None,
                    help=f"comma list of {list(C.SETS)} (default bert-base,1b; tiny with --quick)")
-    p.add_argument("--methods", default="mgpp,movement")
+    p.add_argument("--methods", default="mgpp,movement,movement_adam")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--sparsity", type=float, default=0.9, help="fraction pruned by the global threshold")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")

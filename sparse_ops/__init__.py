@@ -7,6 +7,7 @@ loads the compiled extension sparse_ops._C when it was built.
 from . import ops as _ops  # noqa: F401  (defines the ops before the extension implements them)
 from ._extension import extension_error, load_extension
 from .config import PruningConfig
+from .distillation import distillation_loss
 from .export import ExportReport, export, load_exported, save_exported
 from .nn import SparseLinear
 from .prior import mgp_constants, mgp_threshold
@@ -18,5 +19,5 @@ load_extension()
 
 __version__ = "0.1.0"
 __all__ = ["CubicSchedule", "ExportReport", "Pruner", "PruningConfig", "Selection", "SparseLinear", "Threshold",
-           "export", "extension_error", "load_exported", "mgp_constants", "mgp_threshold", "prune_threshold",
+           "distillation_loss", "export", "extension_error", "load_exported", "mgp_constants", "mgp_threshold", "prune_threshold",
            "radix_select", "save_exported"]

@@ -53,10 +53,11 @@ def _check_same(name: str, t, weight: torch.Tensor, dtype=None) -> None:
         raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
-def check_fused_args(weight, grad, scores, mask, histogram, *, method, granularity="element", block_rows=1,
-                     block_cols=1, threshold=0.0, tie_cut=0, index_offset=0, prior_scale=0.0, lam=0.1,
-                     var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0, mask_grad=True,
-                     mask_weight=False, reuse_mask=False) -> None:
+def check_fused_args(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None, *, method,
+                     granularity="element", block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
+                     prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0, score_step=0,
+                     score_beta1=0.9, score_beta2=0.999, score_eps=1e-8, mask_grad=True, mask_weight=False,
+                     reuse_mask=False) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if granularity not in GRANULARITIES:
@@ -73,6 +74,7 @@ def check_fused_args(weight, grad, scores, mask, histogram, *, method, granulari
     else:
         check_float_tensor("scores", scores)
         _check_same("scores", scores, weight)
+    _check_adam(scores, score_exp_avg, score_exp_avg_sq, score_step, score_beta1, score_beta2, score_eps)
     if histogram is not None:
         if not movement:
             raise ValueError(f"histogram is only emitted for the movement methods, not method={method!r}")
@@ -99,3 +101,26 @@ def check_fused_args(weight, grad, scores, mask, histogram, *, method, granulari
     check_finite_scalar("sigmoid_l1", sigmoid_l1)
     if prior_scale != 0.0:
         check_prior_args(lam, var0, var1)
+
+
+def _check_adam(scores, exp_avg, exp_avg_sq, step, beta1, beta2, eps) -> None:
+    """The Adam moments of the scores: both or neither, with the scores' shape, device and dtype
+    (float32 or float64)."""
+    if (exp_avg is None) != (exp_avg_sq is None):
+        raise ValueError("score_exp_avg and score_exp_avg_sq must be given together (Adam on the scores) or "
+                         "both be None (the first-order update)")
+    if exp_avg is None:
+        return
+    if scores is None:
+        raise ValueError("score_exp_avg is given but scores is None")
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"scores must be float32 or float64 when they learn by Adam, got {scores.dtype}")
+    for name, t in (("score_exp_avg", exp_avg), ("score_exp_avg_sq", exp_avg_sq)):
+        _check_same(name, t, scores, scores.dtype)
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"score_step must be an int >= 1 (the 1-based Adam step) when moments are given, got {step!r}")
+    for name, value in (("score_beta1", beta1), ("score_beta2", beta2)):
+        if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0.0:
+        raise ValueError(f"score_eps must be a finite number >= 0, got {eps!r}")

@@ -114,6 +114,12 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float = 5e-5, m
     g.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
                    help="fine-tune on a seeded random subset of N training examples")
     g.add_argument("--max-length", type=_positive_int, default=64, help="tokens per text (truncation)")
+    g.add_argument("--score-optimizer", default="adam", choices=("adam", "sgd"),
+                   help="how movement scores learn: Adam at 1e-2 as the reference (default), or first-order")
+    g.add_argument("--scope", default=None, choices=("global", "local"),
+                   help="one threshold over all matrices or one per matrix (default: local for movement, else global)")
+    g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (default 2)")
+    g.add_argument("--alpha", type=float, default=0.5, help="distillation weight α of the KL term (default 0.5)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (GPU)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
@@ -158,11 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_data(p)
     _add_bench(p, "1x128,32x64", 10)
+    p.add_argument("--distill", default="on", choices=("on", "off"),
+                   help="distil the pruned model from the dense model this job fine-tunes first (default on)")
     p.add_argument("--out", default="sparse_ops_run", help="output directory (default ./sparse_ops_run)")
 
     p = sub.add_parser("prune", help=COMMANDS["prune"], description=COMMANDS["prune"])
     _add_training(p, steps=1000)
     _add_model(p)
+    p.add_argument("--teacher", type=_existing_dir, default=None, metavar="DIR",
+                   help="distil from this fine-tuned classifier (e.g. a dense `prune --method dense` checkpoint)")
     _add_data(p)
     p.add_argument("--out", default="sparse_ops_pruned", help="checkpoint directory (default ./sparse_ops_pruned)")
 
@@ -214,7 +224,9 @@ def _finetune_config(args, method: str | None = None):
 
     return FinetuneConfig(method=method or args.method, sparsity=args.sparsity, granularity=args.granularity,
                           block_size=args.block_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, max_length=args.max_length, device=args.device, bf16=args.bf16)
+                          seed=args.seed, max_length=args.max_length, device=args.device, bf16=args.bf16,
+                          score_optimizer=args.score_optimizer, scope=args.scope,
+                          distill_temperature=args.temperature, distill_alpha=args.alpha)
 
 
 def _data_name(splits) -> str:
@@ -380,10 +392,13 @@ def cmd_prune(args) -> int:
     config = _finetune_config(args)
     splits = _load_data(args, seed=args.split_seed)
     tokenizer = data.load_tokenizer(args.model)
+    teacher = _load_checkpoint(args.teacher) if args.teacher else None
+    distill = f", distilled from {args.teacher}" if teacher is not None else ""
     print(f"{PROG} prune: {config.method} to {config.sparsity:.0%} ({config.granularity}), {config.steps} steps x "
-          f"batch {config.batch_size}, seed {config.seed}; {_describe_data(splits)}", flush=True)
+          f"batch {config.batch_size}, seed {config.seed}{distill}; {_describe_data(splits)}", flush=True)
     result = finetune.run(config, splits, tokenizer, model_path=args.model, train_subset=args.train_subset,
-                          out=args.out, progress=not args.no_progress)
+                          teacher=teacher, teacher_name=args.teacher or "", out=args.out,
+                          progress=not args.no_progress)
     acc = result["accuracy"]
     print(f"dev accuracy {acc['dev']:.4f}  test accuracy {acc['test']:.4f}  sparsity {result['sparsity']:.2%}  "
           f"({result['seconds']['train']:.0f} s training, {result['seconds']['per_step']:.2f} s/step)")
@@ -504,7 +519,9 @@ def cmd_run(args) -> int:
     kw = {"batches": batches, "eval_splits": ("test",), "progress": not args.no_progress}
     dense = finetune.run(dense_cfg, splits, tokenizer, model_path=args.model, **kw)
     pruned_dir = os.path.join(args.out, "pruned")
-    pruned = finetune.run(pruned_cfg, splits, tokenizer, model_path=args.model, out=pruned_dir, **kw)
+    teacher = dense["model"] if args.distill == "on" else None
+    pruned = finetune.run(pruned_cfg, splits, tokenizer, model_path=args.model, out=pruned_dir, teacher=teacher,
+                          teacher_name="the dense run of this job", **kw)
     train_s = dense["seconds"]["train"] + pruned["seconds"]["train"]
 
     model = pruned.pop("model")
@@ -517,6 +534,7 @@ def cmd_run(args) -> int:
 
     label = f"{args.method} {args.sparsity:.0%}" + ("" if args.granularity == "element" else
                                                     f" {args.block_size[0]}x{args.block_size[1]} blocks")
+    label += ", distilled" if teacher is not None else ""
     acc_d, acc_p = dense["accuracy"]["test"], pruned["accuracy"]["test"]
     n_test = len(batches["test"])
     majority = max(splits.test.labels.count(k) for k in range(len(splits.label_names))) / n_test

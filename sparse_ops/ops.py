@@ -12,7 +12,8 @@ Schemas (see README "Ops" for the full contract):
   kthvalue(Tensor x, int k) -> Tensor                                              (0-dim)
   kthvalue_multi(Tensor[] xs, int k, bool absolute=False) -> Tensor                (0-dim)
   fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask,
-                   Tensor(e!)? histogram, *, str method, ...) -> ()
+                   Tensor(e!)? histogram, Tensor(f!)? score_exp_avg=None,
+                   Tensor(g!)? score_exp_avg_sq=None, *, str method, ...) -> ()
   csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias,
              int out_features) -> Tensor                                          (..., out_features)
   bsr_linear(<the same>) -> Tensor                       (values of shape (nnz_blocks, br, bc))
@@ -35,15 +36,17 @@ from .prior import check_prior_args
 
 LIB = "sparse_ops"
 # Bump together with csrc/cpu/schema_version.cpp whenever a schema below changes.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defined once, here
 
 _FUSED_SCHEMA = (
     "fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask, "
-    "Tensor(e!)? histogram, *, str method, str granularity='element', int block_rows=1, "
-    "int block_cols=1, float threshold=0., int tie_cut=0, int index_offset=0, float prior_scale=0., "
-    "float lam=0.1, float var0=1e-10, float var1=0.05, float score_lr=0., float sigmoid_l1=0., "
-    "bool mask_grad=True, bool mask_weight=False, bool reuse_mask=False) -> ()"
+    "Tensor(e!)? histogram, Tensor(f!)? score_exp_avg=None, Tensor(g!)? score_exp_avg_sq=None, *, "
+    "str method, str granularity='element', int block_rows=1, int block_cols=1, float threshold=0., "
+    "int tie_cut=0, int index_offset=0, float prior_scale=0., float lam=0.1, float var0=1e-10, "
+    "float var1=0.05, float score_lr=0., float sigmoid_l1=0., int score_step=0, float score_beta1=0.9, "
+    "float score_beta2=0.999, float score_eps=1e-8, bool mask_grad=True, bool mask_weight=False, "
+    "bool reuse_mask=False) -> ()"
 )
 _lib.define("mgp_prior_grad(Tensor w, float lam, float var0, float var1, float scale=1.) -> Tensor")
 _lib.define("radix_histogram(Tensor[] xs, Tensor state, int level, bool absolute) -> Tensor")
@@ -182,12 +185,14 @@ def _kthvalue_multi_impl(xs, k, absolute=False):
 # fused_prune_step
 # ---------------------------------------------------------------------------------------------
 @torch.library.register_fake(f"{LIB}::fused_prune_step")
-def _fused_prune_step_fake(weight, grad, scores, mask, histogram, **kwargs):
-    _checks.check_fused_args(weight, grad, scores, mask, histogram, **kwargs)
+def _fused_prune_step_fake(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None,
+                           **kwargs):
+    _checks.check_fused_args(weight, grad, scores, mask, histogram, score_exp_avg, score_exp_avg_sq, **kwargs)
 
 
-def _fused_prune_step_impl(weight, grad, scores, mask, histogram, **kwargs):
-    _checks.check_fused_args(weight, grad, scores, mask, histogram, **kwargs)
+def _fused_prune_step_impl(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None,
+                           **kwargs):
+    _checks.check_fused_args(weight, grad, scores, mask, histogram, score_exp_avg, score_exp_avg_sq, **kwargs)
     if _use_triton(weight) and (scores is None or scores.dtype != torch.float64):
         kernel = _triton_kernels().fused_prune_step.fused_prune_step_triton
     elif _use_cpp("fused_prune_step", weight):
@@ -195,9 +200,9 @@ def _fused_prune_step_impl(weight, grad, scores, mask, histogram, **kwargs):
     else:
         kernel = reference.fused_prune_step_ref
     # kernels stream flat memory: run them on contiguous copies and write the results back
-    tensors = (weight, grad, scores, mask)
+    tensors = (weight, grad, scores, mask, histogram, score_exp_avg, score_exp_avg_sq)
     work = [t if t is None or t.is_contiguous() else t.contiguous() for t in tensors]
-    kernel(*work, histogram, **kwargs)
+    kernel(*work, **kwargs)
     for t, w in zip(tensors, work):
         if w is not t:
             t.copy_(w)

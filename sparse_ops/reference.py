@@ -151,11 +151,23 @@ def prune_keys_ref(weight: torch.Tensor, scores: torch.Tensor | None, method: st
     return source if movement else source.abs()
 
 
-def fused_prune_step_ref(weight, grad, scores, mask, histogram, *, method, granularity="element",
-                         block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
-                         prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0,
+def adam_constants(score_lr: float, score_step: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """(step_size, sqrt of the second bias correction) of the bias-corrected Adam step number
+    `score_step` (1-based), computed in float64 as torch.optim.Adam computes them."""
+    return score_lr / (1.0 - beta1 ** score_step), (1.0 - beta2 ** score_step) ** 0.5
+
+
+def fused_prune_step_ref(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None, *,
+                         method, granularity="element", block_rows=1, block_cols=1, threshold=0.0, tie_cut=0,
+                         index_offset=0, prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
+                         sigmoid_l1=0.0, score_step=0, score_beta1=0.9, score_beta2=0.999, score_eps=1e-8,
                          mask_grad=True, mask_weight=False, reuse_mask=False) -> None:
-    """Reference of torch.ops.sparse_ops.fused_prune_step (see sparse_ops/ops.py for the contract)."""
+    """Reference of torch.ops.sparse_ops.fused_prune_step (see sparse_ops/ops.py for the contract).
+
+    Scores learn from G = ∂L/∂W'⊙W (+ sigmoid_l1·σ(S)(1−σ(S)), the soft-movement penalty), by
+    S ← S − score_lr·G without moment buffers, or by torch.optim.Adam's bias-corrected step number
+    `score_step` with them (no weight decay), in the order torch's single-tensor Adam computes it:
+    m ← m + (1−β1)(G−m); v ← β2·v + (1−β2)·G·G; S ← S − (lr/(1−β1^t))·m / (√v/√(1−β2^t) + eps)."""
     keys = prune_keys_ref(weight, scores, method, granularity, block_rows, block_cols)
     if reuse_mask:  # a fixed mask: keep what `mask` already keeps
         keep = mask.clone()
@@ -173,7 +185,16 @@ def fused_prune_step_ref(weight, grad, scores, mask, histogram, *, method, granu
         if sigmoid_l1 != 0.0:  # ∂/∂S of sigmoid_l1·Σ sigmoid(S): the soft-movement L1 penalty
             sig = torch.sigmoid(s)
             score_grad = score_grad + sigmoid_l1 * sig * (1.0 - sig)
-        scores.copy_(s - score_lr * score_grad)
+        if score_exp_avg is None:
+            scores.copy_(s - score_lr * score_grad)
+        else:
+            step_size, bias2_sqrt = adam_constants(score_lr, score_step, score_beta1, score_beta2)
+            m = score_exp_avg.to(ct)
+            m = m + (1.0 - score_beta1) * (score_grad - m)
+            v = score_exp_avg_sq.to(ct) * score_beta2 + ((1.0 - score_beta2) * score_grad) * score_grad
+            scores.copy_(s + (-step_size * m) / (v.sqrt() / bias2_sqrt + score_eps))
+            score_exp_avg.copy_(m)
+            score_exp_avg_sq.copy_(v)
     new_grad = g.masked_fill(~keep, 0.0) if mask_grad else g
     if prior_scale != 0.0:
         new_grad = new_grad + mgp_prior_grad_ref(w, lam, var0, var1, prior_scale)

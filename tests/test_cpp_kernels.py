@@ -4,7 +4,9 @@ The private ops torch.ops.sparse_ops.<op>_cpu are called directly, on fresh rand
 shapes, every dtype, extreme values, many ties. Masks, histograms, scores and masked weights must
 match exactly; outputs that go through exp() (the prior, the sigmoid of the soft-movement L1 term) to
 within a few ulps. With sigmoid_l1 != 0 the emitted histogram must be the histogram of the kernel's
-own updated scores (which may differ from the reference's by an ulp).
+own updated scores (which may differ from the reference's by an ulp). With Adam moments, the scores
+must equal the reference's formula with a correctly rounded square root bit for bit (torch's CPU
+sqrt, MKL VML's, is only within 1 ulp), and the reference's own scores to within a few ulps.
 
 Skipped when the extension was not built, unless SPARSE_OPS_REQUIRE_EXT=1 (then it fails).
 """
@@ -227,10 +229,11 @@ def pick_threshold(keys: torch.Tensor, index_offset: int, gen) -> tuple[float, i
     return float(value), index_offset + middle
 
 
-def run_both(weight, grad, scores, mask, histogram, **kwargs):
-    """Run the C++ kernel and the reference on separate clones (strides preserved)."""
+def run_both(*tensors, **kwargs):
+    """Run the C++ kernel and the reference on separate clones (strides preserved) of the tensor
+    arguments (weight, grad, scores, mask, histogram[, score_exp_avg, score_exp_avg_sq])."""
     def clones():
-        return [None if t is None else t.clone() for t in (weight, grad, scores, mask, histogram)]
+        return [None if t is None else t.clone() for t in tensors]
 
     cpp, ref = clones(), clones()
     OPS.fused_prune_step_cpu(*cpp, **kwargs)
@@ -366,6 +369,233 @@ def test_fused_prune_step_rejects_bad_arguments():
         OPS.fused_prune_step_cpu(w, w.clone(), None, w.bool(), None, method="magnitude", granularity="row")
 
 
+# ---------------------------------------------------------------------------------------------
+# fused_prune_step with Adam on the scores (score_exp_avg, score_exp_avg_sq)
+# ---------------------------------------------------------------------------------------------
+# (weight dtype, dtype of scores and moments): 16/32-bit weights with float32 scores, float64 everything
+ADAM_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+               (torch.float64, torch.float64)]
+ADAM_OPTIONS = [  # (prior_scale, score_lr, mask_grad, mask_weight, sigmoid_l1, beta1, beta2, eps)
+    (0.0, 1e-2, True, False, 0.0, 0.9, 0.999, 1e-8),  # torch.optim.Adam's defaults
+    (1 / 12808, 5e-2, False, True, 0.0, 0.0, 0.5, 1e-12),  # β1 = 0, tiny eps
+    (0.0, 1e-2, True, True, 0.5, 0.9, 0.999, 1e-8),  # soft-movement L1 term on sigmoid(scores)
+    (0.5, 1e-3, False, False, 1e-3, 0.8, 0.99, 1e-6),
+]
+ADAM_STEPS = 5  # score_step 1..5 in a row, so the moments and both bias corrections matter
+
+
+def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded √x elementwise, in x.dtype: math.sqrt in float64 (for float32 x the float64
+    root rounds to the correctly rounded float32 root). torch's own CPU sqrt goes through MKL VML
+    (within 1 ulp, not always correctly rounded), so the reference's √v may differ from IEEE's by an ulp."""
+    root = [math.sqrt(v) if v >= 0 else math.nan for v in x.flatten().tolist()]
+    return torch.tensor(root, dtype=torch.float64).to(x.dtype).view(x.shape)
+
+
+def adam_scores_ieee(scores: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     weight_dtype: torch.dtype, kwargs) -> torch.Tensor:
+    """The reference's Adam step on `scores` (at entry) from the updated moments, every operation of
+    the reference's in its order and rounding, with ieee_sqrt in place of torch's sqrt: what the kernel
+    must compute bit for bit (the moments are stored in the compute dtype in every case tested)."""
+    ct = reference.compute_dtype(weight_dtype)
+    assert exp_avg.dtype == exp_avg_sq.dtype == ct
+    step_size, bias2_sqrt = reference.adam_constants(kwargs["score_lr"], kwargs["score_step"], kwargs["score_beta1"],
+                                                     kwargs["score_beta2"])
+    s, m, v = scores.to(ct), exp_avg, exp_avg_sq
+    return (s + (-step_size * m) / (ieee_sqrt(v) / bias2_sqrt + kwargs["score_eps"])).to(scores.dtype)
+
+
+def check_fused_adam(cpp, ref, kwargs, what, entry):
+    """The kernel's step with Adam moments against the reference's, both run on `entry`:
+    * mask and weight identical; grad identical (within a few ulps of the prior when there is one);
+    * moments identical when sigmoid_l1 == 0, else within a few ulps of |moment at entry| + |G| (resp.
+      v + G²), G bounded by |g·w| + |sigmoid_l1| (the σ term goes through exp());
+    * scores bit-identical to the reference's step computed from the kernel's own moments with a
+      correctly rounded √ (adam_scores_ieee), and within a few ulps of the reference's (whose √ is
+      torch's MKL sqrt);
+    * histogram = histogram passed in + level-0 histogram of the kernel's own updated scores, and
+      the reference's whenever the scores agree."""
+    (w1, g1, s1, m1, h1, ea1, eas1), (w2, g2, s2, m2, h2, ea2, eas2) = cpp, ref
+    weight, grad, scores, _, histogram, exp_avg, exp_avg_sq = entry
+    ct = reference.compute_dtype(weight.dtype)
+    assert_identical(m1, m2, f"{what} mask")
+    assert_identical(w1, w2, f"{what} weight")
+    if kwargs["sigmoid_l1"] == 0.0:
+        assert_identical(ea1, ea2, f"{what} score_exp_avg")
+        assert_identical(eas1, eas2, f"{what} score_exp_avg_sq")
+    else:
+        g_bound = (grad.to(ct) * weight.to(ct)).abs() + abs(kwargs["sigmoid_l1"])
+        assert_close_scaled(ea1, ea2, exp_avg.to(ct).abs() + g_bound, RTOL[ct], f"{what} score_exp_avg")
+        assert_close_scaled(eas1, eas2, exp_avg_sq.to(ct) + g_bound * g_bound, RTOL[ct], f"{what} score_exp_avg_sq")
+    assert_identical(s1, adam_scores_ieee(scores, ea1, eas1, weight.dtype, kwargs), f"{what} scores (IEEE √)")
+    step = (s2.double() - scores.double()).abs()
+    assert_close_scaled(s1, s2, scores.abs() + step, RTOL[ct], f"{what} scores (reference)")
+    keys = reference.prune_keys_ref(w1, s1, kwargs["method"], kwargs["granularity"], kwargs["block_rows"],
+                                    kwargs["block_cols"])
+    own = histogram + reference.radix_histogram_ref([keys], torch.zeros(2, dtype=torch.int64), 0, absolute=False)
+    assert_identical(h1, own, f"{what} histogram of the kernel's own scores")
+    if torch.equal(s1, s2):
+        assert_identical(h1, h2, f"{what} histogram")
+    if kwargs["prior_scale"] == 0.0:
+        assert_identical(g1, g2, f"{what} grad")
+    else:
+        prior = reference.mgp_prior_grad_ref(weight.to(ct), kwargs["lam"], kwargs["var0"], kwargs["var1"],
+                                             kwargs["prior_scale"])
+        assert_close_scaled(g1, g2, prior, RTOL[g2.dtype], f"{what} grad")
+    if bool((grad.to(ct) * weight.to(ct) != 0).any()):  # the step did something
+        assert not torch.equal(s1, scores) and not torch.equal(eas1, exp_avg_sq), what
+
+
+def adam_moments(shape, dtype, gen, fresh: bool):
+    """Moment buffers: zeros (a fresh optimizer), or a random state (m any sign, v ≥ 0)."""
+    if fresh:
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    m = random_values(shape, torch.float64, gen) * 0.01
+    v = random_values(shape, torch.float64, gen).square() * 1e-3
+    return m.to(dtype), v.to(dtype)
+
+
+def adam_kwargs(method, granularity, br, bc, options, step, threshold, tie_cut, index_offset):
+    prior_scale, score_lr, mask_grad, mask_weight, sigmoid_l1, beta1, beta2, eps = options
+    return dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+                tie_cut=tie_cut, index_offset=index_offset, prior_scale=prior_scale, lam=0.1, var0=1e-10, var1=0.05,
+                score_lr=score_lr, sigmoid_l1=sigmoid_l1, score_step=step, score_beta1=beta1, score_beta2=beta2,
+                score_eps=eps, mask_grad=mask_grad, mask_weight=mask_weight)
+
+
+@pytest.mark.parametrize("dtype,score_dtype", ADAM_DTYPES,
+                         ids=[f"{dtype_id(w)}-scores_{dtype_id(s)}" for w, s in ADAM_DTYPES])
+@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
+@pytest.mark.parametrize("method", ["movement", "soft_movement"])
+def test_fused_prune_step_adam(method, granularity, dtype, score_dtype):
+    """Adam on the scores, ADAM_STEPS consecutive steps (score_step 1, 2, ...), each from the kernel's
+    own state (both run on the same inputs every step): odd shapes, ties, partial blocks,
+    non-contiguous tensors and moments, with and without the histogram's input counts, fresh and
+    random moments (see check_fused_adam for what must agree)."""
+    gen = torch.Generator().manual_seed(stable_seed("adam", method, granularity, dtype, score_dtype))
+    for case, ((shape, (br, bc)), options) in enumerate(itertools.product(SHAPES[granularity], ADAM_OPTIONS)):
+        kind = "ties" if case % 2 == 0 else "random"
+        block = (br, bc) if granularity == "block" else None
+        weight = make_tensor(shape, dtype, gen, kind, block)
+        scores = make_tensor(shape, score_dtype, gen, kind, block)
+        exp_avg, exp_avg_sq = adam_moments(shape, score_dtype, gen, fresh=case % 3 == 0)
+        mask = torch.rand(shape, generator=gen) < 0.5
+        histogram = torch.randint(0, 100, (reference.RADIX_BINS + 1,), generator=gen)
+        strided = case % 4 == 1 and len(shape) == 2 and min(shape) > 1
+        for step in range(1, ADAM_STEPS + 1):
+            grad = random_values(shape, dtype, gen)
+            index_offset = [0, 5, 1000][(case + step) % 3]
+            keys = reference.prune_keys_ref(weight, scores, method, granularity, br, bc)
+            threshold, tie_cut = pick_threshold(keys, index_offset, gen)
+            kwargs = adam_kwargs(method, granularity, br, bc, options, step, threshold, tie_cut, index_offset)
+            entry = [weight, grad, scores, mask, histogram, exp_avg, exp_avg_sq]
+            if strided:
+                entry = [t if t is histogram else non_contiguous(t) for t in entry]
+                assert not entry[5].is_contiguous() and not entry[6].is_contiguous()
+            cpp, ref = run_both(*entry, **kwargs)
+            check_fused_adam(cpp, ref, kwargs, f"case {case} step {step} shape={shape} block=({br},{bc}) {kwargs}",
+                             entry)
+            weight, _, scores, mask, histogram, exp_avg, exp_avg_sq = (t.contiguous() for t in cpp)
+
+
+def test_fused_prune_step_adam_large_parallel():
+    """A 1536x768 Adam step (several threads, many chunks) in every granularity."""
+    gen = torch.Generator().manual_seed(19)
+    shape = (1536, 768)
+    weight = random_values(shape, torch.float32, gen, extremes=False)
+    grad = random_values(shape, torch.float32, gen, extremes=False)
+    scores = random_values(shape, torch.float32, gen, extremes=False)
+    exp_avg, exp_avg_sq = adam_moments(shape, torch.float32, gen, fresh=False)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    histogram = torch.zeros(reference.RADIX_BINS + 1, dtype=torch.int64)
+    cases = itertools.product((("element", (1, 1)), ("block", (32, 32)), ("2:4", (1, 1))), (0.0, 1e-2))
+    for (granularity, (br, bc)), sigmoid_l1 in cases:
+        keys = reference.prune_keys_ref(weight, scores, "movement", granularity, br, bc)
+        threshold, tie_cut = pick_threshold(keys, 0, gen)
+        options = (1e-4, 1e-2, True, False, sigmoid_l1, 0.9, 0.999, 1e-8)
+        kwargs = adam_kwargs("movement", granularity, br, bc, options, 7, threshold, tie_cut, 0)
+        entry = [weight, grad, scores, mask, histogram, exp_avg, exp_avg_sq]
+        cpp, ref = run_both(*entry, **kwargs)
+        check_fused_adam(cpp, ref, kwargs, f"large {granularity} sigmoid_l1={sigmoid_l1}", entry)
+
+
+@pytest.mark.parametrize("granularity", reference.GRANULARITIES)
+def test_fused_prune_step_adam_non_contiguous_moments(granularity):
+    """Non-contiguous moment buffers (transposed, and every other column of a wider buffer) are read
+    and updated in place, through the C++ kernel directly and through the public op: the results
+    equal a run on contiguous copies bit for bit, and nothing outside the views is written."""
+    gen = torch.Generator().manual_seed(stable_seed("adam strided", granularity))
+    shape, (br, bc) = (24, 40), ((4, 8) if granularity == "block" else (1, 1))
+    weight = random_values(shape, torch.float32, gen)
+    scores = random_values(shape, torch.float32, gen)
+    exp_avg, exp_avg_sq = adam_moments(shape, torch.float32, gen, fresh=False)
+    kwargs = dict(method="movement", granularity=granularity, block_rows=br, block_cols=bc, threshold=0.0,
+                  score_lr=1e-2, score_step=3)
+
+    def call(op, exp_avg, exp_avg_sq):
+        w, s = weight.clone(), scores.clone()
+        grad = random_values(shape, torch.float32, torch.Generator().manual_seed(4))
+        mask = torch.zeros(shape, dtype=torch.bool)
+        histogram = torch.zeros(reference.RADIX_BINS + 1, dtype=torch.int64)
+        op(w, grad, s, mask, histogram, exp_avg, exp_avg_sq, **kwargs)
+        return [w, grad, s, mask, histogram]
+
+    want_avg, want_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
+    want = call(OPS.fused_prune_step_cpu, want_avg, want_avg_sq)
+    for op in (OPS.fused_prune_step_cpu, OPS.fused_prune_step):
+        transposed = (non_contiguous(exp_avg), non_contiguous(exp_avg_sq))
+        wide = [torch.full((shape[0], 2 * shape[1]), 7.0) for _ in range(2)]
+        for buffer, moment in zip(wide, (exp_avg, exp_avg_sq)):
+            buffer[:, ::2] = moment
+        strided = (wide[0][:, ::2], wide[1][:, ::2])
+        for avg, avg_sq in (transposed, strided):
+            assert not avg.is_contiguous() and not avg_sq.is_contiguous()
+            ptrs = (avg.data_ptr(), avg_sq.data_ptr(), avg.stride(), avg_sq.stride())
+            got = call(op, avg, avg_sq)
+            assert ptrs == (avg.data_ptr(), avg_sq.data_ptr(), avg.stride(), avg_sq.stride())
+            for a, b, name in zip(got + [avg, avg_sq], want + [want_avg, want_avg_sq],
+                                  ["weight", "grad", "scores", "mask", "histogram", "exp_avg", "exp_avg_sq"]):
+                assert_identical(a, b, f"{op} {name}")
+        for buffer in wide:
+            assert bool((buffer[:, 1::2] == 7.0).all()), "wrote outside the moment views"
+    assert not torch.equal(want_avg_sq, exp_avg_sq)
+
+
+def test_fused_prune_step_adam_rejects_bad_arguments():
+    """The public op's checks (Python, before any kernel) name the argument; so do the C++ kernel's."""
+    w = torch.zeros(4, 4)
+    ok = dict(method="movement", score_lr=1e-2, score_step=1)
+
+    def args(scores=None, exp_avg=None, exp_avg_sq=None):
+        scores = torch.zeros(4, 4) if scores is None else scores
+        return [w.clone(), w.clone(), scores, w.bool(), None, exp_avg, exp_avg_sq]
+
+    moments = (torch.zeros(4, 4), torch.zeros(4, 4))
+    bad = [
+        (args(exp_avg=moments[0]), ok, ValueError, "score_exp_avg and score_exp_avg_sq must be given together"),
+        (args(exp_avg_sq=moments[1]), ok, ValueError, "score_exp_avg and score_exp_avg_sq must be given together"),
+        (args(None, moments[0], moments[1].double()), ok, TypeError, "score_exp_avg_sq must have dtype"),
+        (args(None, moments[0].double(), moments[1]), ok, TypeError, "score_exp_avg must have dtype"),
+        (args(None, torch.zeros(4, 5), moments[1]), ok, ValueError, "score_exp_avg must have the shape of weight"),
+        (args(torch.zeros(4, 4, dtype=torch.float16), *[m.half() for m in moments]), ok, TypeError,
+         "scores must be float32 or float64"),
+        (args(None, *moments), dict(ok, score_step=0), ValueError, "score_step must be"),
+        (args(None, *moments), dict(ok, score_beta2=1.0), ValueError, "score_beta2 must lie in"),
+    ]
+    cpp_message = {"score_step must be": "score_step must be >= 1"}
+    for tensors, kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            OPS.fused_prune_step(*tensors, **kwargs)
+        with pytest.raises(RuntimeError, match=cpp_message.get(message, message)):
+            OPS.fused_prune_step_cpu(*tensors, **kwargs)
+    # the same moments twice, or the scores as a moment: the kernel's buffers must be distinct
+    s = torch.zeros(4, 4)
+    with pytest.raises(RuntimeError, match="score_exp_avg and score_exp_avg_sq must be different"):
+        OPS.fused_prune_step_cpu(w.clone(), w.clone(), s, w.bool(), None, moments[0], moments[0], **ok)
+    with pytest.raises(RuntimeError, match="score_exp_avg must not be the scores"):
+        OPS.fused_prune_step_cpu(w.clone(), w.clone(), s, w.bool(), None, s, moments[1], **ok)
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit patterns of a float tensor (so +0 and -0, and NaN payloads, are told apart)."""
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
@@ -483,6 +713,16 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         OPS.fused_prune_step_cpu(w, g, s if h is not None else None, m, h, method=method, threshold=0.01,
                                  tie_cut=5, mask_weight=True, **kw)
         out[f"{method} {dtype}"] = [w, g, s, m, h]
+    score_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    # Adam on the scores, moments with inf and NaN too, placed so that no operation meets two NaNs
+    # (which of two NaN operands propagates is up to the compiler's operand order)
+    for sigmoid_l1 in (0.0, 0.3):
+        w, g, s = x.clone(), x.flip(0).clone(), (x * 7).flip(1).to(score_dtype)
+        ea, eas = (x.roll(500, 0) * 0.1).to(score_dtype), x.roll(500, 0).square().to(score_dtype)
+        m, h = torch.zeros(x.shape, dtype=torch.bool), torch.zeros(257, dtype=torch.int64)
+        OPS.fused_prune_step_cpu(w, g, s, m, h, ea, eas, method="movement", threshold=0.01, score_lr=0.1,
+                                 sigmoid_l1=sigmoid_l1, score_step=2, prior_scale=1e-3)
+        out[f"adam {sigmoid_l1} {dtype}"] = [w, g, s, m, h, ea, eas]
 torch.save(out, sys.argv[1])
 """
 

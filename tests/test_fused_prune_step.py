@@ -1,6 +1,7 @@
-"""fused_prune_step: Triton against the reference (exact masks and histograms), the op's
-semantics checked independently of the reference (exact counts, 2:4 structure, formulas),
-histogram hand-off to the next selection, non-contiguous inputs, contract and bad input."""
+"""fused_prune_step: Triton against the reference (exact masks and histograms; also with Adam on
+the scores), the op's semantics checked independently of the reference (exact counts, 2:4
+structure, formulas, torch.optim.Adam on the scores), histogram hand-off to the next selection,
+non-contiguous inputs, contract and bad input."""
 
 import itertools
 
@@ -9,6 +10,7 @@ import torch
 from conftest import FLOAT_DTYPES, triton_device, triton_kernels
 
 import sparse_ops
+from sparse_ops.ops import use_backend
 from sparse_ops.reference import fused_prune_step_ref, prune_keys_ref, radix_histogram_ref
 
 METHODS = ["magnitude", "mgpp", "movement", "soft_movement"]
@@ -63,6 +65,110 @@ def test_triton_matches_reference(device, method, granularity, dtype):
         next_keys = prune_keys_ref(got[0], got[2], method, granularity, kwargs["block_rows"], kwargs["block_cols"])
         state = torch.zeros(2, dtype=torch.int64, device=device)
         assert torch.equal(got[4], radix_histogram_ref([next_keys], state, 0, absolute=False))
+
+
+MOVEMENT = ["movement", "soft_movement"]
+ADAM_SHAPES = {"element": (37, 53), "block": (37, 52), "2:4": (21, 36)}  # odd sizes, partial blocks/programs
+ADAM = dict(score_beta1=0.9, score_beta2=0.999, score_eps=1e-8)
+
+
+def adam_step_case(method, granularity, dtype, scores, device, seed):
+    """Fresh random weight/grad in `dtype` for one step on the given (float32) scores, and kwargs
+    thresholding half of the entry keys."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(scores.shape, generator=g).to(dtype).to(device)
+    grad = (torch.randn(scores.shape, generator=g) * 1e-2).to(dtype).to(device)
+    br, bc = GRANULARITIES[granularity]
+    keys = prune_keys_ref(w, scores, method, granularity, br, bc)
+    thr = sparse_ops.prune_threshold([keys], keys.numel() // 2)
+    kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=thr.value,
+                  tie_cut=thr.tie_cut, index_offset=3, score_lr=0.01,
+                  sigmoid_l1=0.5 if method == "soft_movement" else 0.0, **ADAM)
+    return w, grad, kwargs
+
+
+def run_adam(impl, w, grad, scores, exp_avg, exp_avg_sq, kwargs):
+    W, G, S, EA, EAS = w.clone(), grad.clone(), scores.clone(), exp_avg.clone(), exp_avg_sq.clone()
+    M = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    H = torch.zeros(257, dtype=torch.int64, device=w.device)
+    impl(W, G, S, M, H, EA, EAS, **kwargs)
+    return W, G, S, M, H, EA, EAS
+
+
+@pytest.mark.parametrize("method,granularity,dtype", list(itertools.product(MOVEMENT, GRANULARITIES, FLOAT_DTYPES)))
+def test_triton_adam_matches_reference(device, method, granularity, dtype):
+    """Adam on float32 scores and moments, weights in every dtype, three consecutive steps (so the
+    moments matter), each step from the same entry state for both implementations."""
+    kernels = triton_kernels()
+    device = triton_device(device)
+    shape = ADAM_SHAPES[granularity]
+    scores = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(device)
+    scores[:3] = 0.5  # ties at the threshold
+    exp_avg, exp_avg_sq = torch.zeros_like(scores), torch.zeros_like(scores)
+    for step in (1, 2, 3):
+        w, grad, kwargs = adam_step_case(method, granularity, dtype, scores, device, seed=10 + step)
+        kwargs["score_step"] = step
+        want = run_adam(fused_prune_step_ref, w, grad, scores, exp_avg, exp_avg_sq, kwargs)
+        got = run_adam(kernels.fused_prune_step.fused_prune_step_triton, w, grad, scores, exp_avg, exp_avg_sq,
+                       kwargs)
+        assert torch.equal(got[3], want[3])  # mask
+        assert torch.equal(got[0], want[0])  # weight (untouched)
+        tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(got[1], want[1], **tol)
+        if method == "movement" and device == "cpu":
+            # the moments use only +, -, × in the reference's order: bit for bit under the interpreter
+            # (soft_movement's sigmoid and the scores' sqrt are not correctly rounded in torch on CPU)
+            assert torch.equal(got[5], want[5]) and torch.equal(got[6], want[6])
+        for g_t, w_t in ((got[5], want[5]), (got[6], want[6])):  # moments: a few float32 ulps
+            torch.testing.assert_close(g_t, w_t, rtol=1e-6, atol=1e-6 * float(w_t.abs().max()))
+        torch.testing.assert_close(got[2], want[2], rtol=3e-7, atol=1e-8)  # scores: about an ulp
+        assert not torch.equal(got[2], scores) and not torch.equal(got[6], exp_avg_sq)
+        # the histogram describes exactly the keys the kernel stored (what the next selection reads)
+        next_keys = prune_keys_ref(got[0], got[2], method, granularity, kwargs["block_rows"], kwargs["block_cols"])
+        state = torch.zeros(2, dtype=torch.int64, device=device)
+        assert torch.equal(got[4], radix_histogram_ref([next_keys], state, 0, absolute=False))
+        scores, exp_avg, exp_avg_sq = got[2], got[5], got[6]
+
+
+@pytest.mark.parametrize("method", MOVEMENT)
+@pytest.mark.parametrize("granularity", list(GRANULARITIES))
+@pytest.mark.parametrize("backend", ["op", "triton"])
+def test_op_adam_is_torch_adam(device, method, granularity, backend):
+    """The op's score update with moment buffers is torch.optim.Adam's step on ∂L/∂S (checked
+    against torch's own optimiser, not the reference), for three consecutive steps."""
+    if backend == "triton":
+        triton_kernels()
+        triton_device(device)
+    shape = ADAM_SHAPES[granularity]
+    scores = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(device)
+    param = torch.nn.Parameter(scores.clone())
+    opt = torch.optim.Adam([param], lr=0.01, betas=(ADAM["score_beta1"], ADAM["score_beta2"]),
+                           eps=ADAM["score_eps"], foreach=False)
+    S, EA, EAS = scores.clone(), torch.zeros_like(scores), torch.zeros_like(scores)
+    for step in (1, 2, 3):
+        w, grad, kwargs = adam_step_case(method, granularity, torch.float32, S, device, seed=20 + step)
+        M = torch.zeros(shape, dtype=torch.bool, device=device)
+        with use_backend("triton" if backend == "triton" else None):
+            torch.ops.sparse_ops.fused_prune_step(w.clone(), grad.clone(), S, M, None, EA, EAS, **kwargs,
+                                                  score_step=step)
+        with torch.no_grad():
+            score_grad = grad * w
+            if kwargs["sigmoid_l1"]:
+                sig = torch.sigmoid(param)
+                score_grad = score_grad + kwargs["sigmoid_l1"] * sig * (1 - sig)
+        param.grad = score_grad
+        opt.step()
+        state = opt.state[param]
+        torch.testing.assert_close(S, param.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(EA, state["exp_avg"], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(EAS, state["exp_avg_sq"], rtol=1e-5, atol=1e-11)
+        assert not torch.equal(S, scores)
+    # score_lr = 0: the scores and their moments stay as they are
+    before = (S.clone(), EA.clone(), EAS.clone())
+    with use_backend("triton" if backend == "triton" else None):
+        torch.ops.sparse_ops.fused_prune_step(w.clone(), grad.clone(), S, M, None, EA, EAS,
+                                              **dict(kwargs, score_lr=0.0), score_step=4)
+    assert all(torch.equal(a, b) for a, b in zip((S, EA, EAS), before))
 
 
 @pytest.mark.parametrize("method,granularity", list(itertools.product(METHODS, GRANULARITIES)))

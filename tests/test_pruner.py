@@ -77,7 +77,7 @@ def test_default_targets_match_llama_projections():
 def test_reaches_target_sparsity_exactly_at_end_step(method, granularity, scope):
     model, pruner, losses = run(method, granularity=granularity, scope=scope, block_size=(8, 8))
     assert all(torch.isfinite(torch.tensor(losses)))
-    groups = pruner._groups()
+    groups = pruner.groups()
     for group in groups:
         keys = sum(t.num_keys for t in group)
         pruned_keys = sum(int((~t.mask).sum()) for t in group) // (64 if granularity == "block" else 1)

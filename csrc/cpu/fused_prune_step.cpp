@@ -9,15 +9,30 @@
 //                      soft_movement keeps key > threshold only); threshold is rounded to the key's
 //                      dtype first. 2:4: the 2 largest keys of each group (lower index pruned first
 //                      among equal keys).
-//   scores  = s − score_lr·(g·w + sigmoid_l1·σ(s)·(1−σ(s)))   (when scores given and score_lr != 0;
-//                      raw grad and weight; the σ term only when sigmoid_l1 != 0)
+//   G       = g·w + sigmoid_l1·σ(s)·(1−σ(s))   (raw grad and weight; the σ term only when
+//                      sigmoid_l1 != 0). Scores learn only when given and score_lr != 0:
+//   scores  = s − score_lr·G                  without moments (the first-order update), or, with
+//                      score_exp_avg m and score_exp_avg_sq v, torch.optim.Adam's bias-corrected step
+//                      number t = score_step (no weight decay), in the reference's order:
+//                        m = m + (1−β1)·(G − m);   v = v·β2 + ((1−β2)·G)·G;
+//                        s = s + (−step_size·m) / (√v / bias2_sqrt + eps),   m, v and s stored;
+//                      step_size = score_lr/(1 − β1^t) and bias2_sqrt = (1 − β2^t)^0.5 in float64 on
+//                      the host (pow(), as reference.adam_constants); every scalar (1−β1, β2, 1−β2,
+//                      −step_size, bias2_sqrt, eps, score_lr, sigmoid_l1) is rounded once to the
+//                      compute type, as torch rounds a Python float operand
 //   grad    = grad.masked_fill(~keep, 0) (mask_grad) + prior_scale·∂[−log π](weight)
 //                      (prior when prior_scale != 0; pruned entries become +0 even if NaN/inf)
 //   weight.masked_fill_(~keep, 0) (mask_weight);  mask = keep
 //   histogram += level-0 radix histogram of the next keys (keys of the updated scores)
 //
-// Math in float32 (float64 for float64 weight), results rounded to each tensor's dtype. Inputs
-// may be non-contiguous: the kernel runs on contiguous copies and copies results back in place.
+// Math in float32 (float64 for float64 weight), results rounded to each tensor's dtype; the moments
+// have the scores' dtype (float32 or float64) and are read and written in the same pass. Every
+// operation is rounded separately (no FMA contraction) and √ and ÷ are IEEE (correctly rounded).
+// With sigmoid_l1 == 0 the moments are bit-identical to the reference, and so are the scores with a
+// correctly rounded √; torch's CPU sqrt (MKL VML) is only within 1 ulp, so the reference's Adam
+// scores on CPU can differ from these in the last bits (about 0.3% of elements, a few ulps of
+// max(|s|, |step|)). Inputs may be non-contiguous: the kernel runs on contiguous copies and copies
+// results back in place.
 //
 // Speed: each thread walks its range in chunks of kChunk elements. Per chunk, the keep decision is
 // written to the mask, then a few specialised loops (flags as template parameters, no branches in
@@ -25,9 +40,12 @@
 // level-0 histogram of the new scores goes into the thread's private histogram (merged once).
 // exp() (the prior, sigmoid) is common.h's exp_fast, within about 1 ulp of expf: the prior and the
 // σ term agree with the reference to a few ulps; with sigmoid_l1 == 0 scores are bit-identical.
+// √ in the Adam step is the SSE2 square-root instruction on a chunk buffer (sqrt_in_place):
+// std::sqrt keeps the libm errno path (a call under a branch), which would keep the loop scalar.
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -99,6 +117,87 @@ void score_pass(const W* __restrict__ w, const W* __restrict__ g, S* __restrict_
   }
 }
 
+// The scalars of one Adam step, each rounded to the compute type C as torch rounds a Python float
+// operand of a C tensor op (the reference's `(1.0 - beta1) * (...)`, `... * beta2`, and so on).
+template <typename C>
+struct AdamStep {
+  C one_minus_beta1;  // 1 − β1
+  C beta2;
+  C one_minus_beta2;  // 1 − β2
+  C neg_step_size;    // −score_lr/(1 − β1^t)
+  C bias2_sqrt;       // (1 − β2^t)^0.5
+  C eps;
+};
+
+// reference.adam_constants: float64 on the host; Python's float ** float (int exponents included)
+// is C's pow(), so std::pow(x, 0.5) here, not std::sqrt (they may differ in the last bit)
+template <typename C>
+AdamStep<C> make_adam_step(double score_lr, int64_t step, double beta1, double beta2, double eps) {
+  const double t = static_cast<double>(step);
+  const double step_size = score_lr / (1.0 - std::pow(beta1, t));
+  const double bias2_sqrt = std::pow(1.0 - std::pow(beta2, t), 0.5);
+  return {static_cast<C>(1.0 - beta1), static_cast<C>(beta2),      static_cast<C>(1.0 - beta2),
+          static_cast<C>(-step_size),  static_cast<C>(bias2_sqrt), static_cast<C>(eps)};
+}
+
+// x[i] = √x[i] (IEEE, as torch's sqrt) for i < n, with the SSE2 instructions: a std::sqrt loop stays
+// scalar (libm's errno path for x < 0 is a call under a branch). Negative x give the default NaN
+// either way.
+inline void sqrt_in_place(float* __restrict__ x, int64_t n) {
+  int64_t i = 0;
+#if defined(__GNUC__) && defined(__x86_64__)  // common.h includes <immintrin.h>
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
+  for (; i < n; ++i) _mm_store_ss(x + i, _mm_sqrt_ss(_mm_load_ss(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = std::sqrt(x[i]);
+}
+
+inline void sqrt_in_place(double* __restrict__ x, int64_t n) {
+  int64_t i = 0;
+#if defined(__GNUC__) && defined(__x86_64__)  // common.h includes <immintrin.h>
+  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = std::sqrt(x[i]);
+}
+
+// Adam on the scores over one chunk (n ≤ kChunk), in the reference's operation order:
+//   G = g·w [+ sigmoid_l1·σ(s)·(1−σ(s))];  m = m + (1−β1)·(G − m);  v = v·β2 + ((1−β2)·G)·G;
+//   s = s + (−step_size·m) / (√v / bias2_sqrt + eps).
+// Three loops while the chunk is in L1: the moments (stored, and kept in the compute type for the
+// score step, as the reference uses them before rounding to the moments' dtype), √v, the scores.
+template <typename W, typename S, bool Sigmoid>
+void adam_score_pass(const W* __restrict__ w, const W* __restrict__ g, S* __restrict__ s,
+                     S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq, int64_t n, compute_t<W> l1,
+                     AdamStep<compute_t<W>> a) {
+  using C = compute_t<W>;
+  C m[kChunk];
+  C root[kChunk];  // v, then √v
+  for (int64_t i = 0; i < n; ++i) {
+    C score_grad = load_value(g + i) * load_value(w + i);
+    if (Sigmoid) {
+      const C sc = static_cast<C>(load_value(s + i));
+      const C sig = C(1) / (C(1) + exp_fast<C>(-sc));
+      score_grad = score_grad + l1 * sig * (C(1) - sig);
+    }
+    const C m0 = static_cast<C>(load_value(exp_avg + i));
+    const C m1 = m0 + a.one_minus_beta1 * (score_grad - m0);
+    const C v1 = static_cast<C>(load_value(exp_avg_sq + i)) * a.beta2 + (a.one_minus_beta2 * score_grad) * score_grad;
+    store_value(exp_avg + i, m1);
+    store_value(exp_avg_sq + i, v1);
+    m[i] = m1;
+    root[i] = v1;
+  }
+  sqrt_in_place(root, n);
+  for (int64_t i = 0; i < n; ++i) {
+    const C sc = static_cast<C>(load_value(s + i));
+    store_value(s + i, sc + (a.neg_step_size * m[i]) / (root[i] / a.bias2_sqrt + a.eps));
+  }
+}
+
+// Adam needs float32 or float64 scores (and moments); no code for 16-bit ones
+template <typename S>
+constexpr bool kAdamScores = std::is_same_v<S, float> || std::is_same_v<S, double>;
+
 // x = keep ? x : +0 on the raw bits (masked_fill: NaN and inf included; exact for every dtype)
 template <typename T>
 void zero_pruned(T* __restrict__ x, const uint8_t* __restrict__ keep, int64_t n) {
@@ -137,16 +236,30 @@ struct Update {
   bool sigmoid;  // sigmoid_l1 != 0
   C score_lr;
   C sigmoid_l1;
+  bool adam;       // the scores learn by Adam with the moments below (else S − score_lr·G)
+  S* exp_avg;      // score_exp_avg (nullptr without Adam)
+  S* exp_avg_sq;   // score_exp_avg_sq
+  AdamStep<C> adam_step;
   bool mask_grad;
   bool has_prior;
   Prior<C> prior;
   bool mask_weight;
 
+  // n ≤ kChunk (the Adam pass keeps chunk buffers on the stack)
   void run(int64_t i0, int64_t n) const {
     W* w = weight + i0;
     W* g = grad + i0;
     const uint8_t* keep = mask + i0;
-    if (update_scores) {
+    if constexpr (kAdamScores<S>) {
+      if (update_scores && adam) {
+        if (sigmoid) {
+          adam_score_pass<W, S, true>(w, g, scores + i0, exp_avg + i0, exp_avg_sq + i0, n, sigmoid_l1, adam_step);
+        } else {
+          adam_score_pass<W, S, false>(w, g, scores + i0, exp_avg + i0, exp_avg_sq + i0, n, sigmoid_l1, adam_step);
+        }
+      }
+    }
+    if (update_scores && !adam) {
       if (sigmoid) {
         score_pass<W, S, true>(w, g, scores + i0, n, score_lr, sigmoid_l1);
       } else {
@@ -304,11 +417,13 @@ void check_like(const at::Tensor& t, const at::Tensor& weight, const char* name)
 
 // The op as its schema (sparse_ops/ops.py) defines it; reuse_mask: keep = the mask passed in.
 void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, const std::optional<at::Tensor>& scores,
-                           const at::Tensor& mask, const std::optional<at::Tensor>& histogram, c10::string_view method,
+                           const at::Tensor& mask, const std::optional<at::Tensor>& histogram,
+                           const std::optional<at::Tensor>& score_exp_avg,
+                           const std::optional<at::Tensor>& score_exp_avg_sq, c10::string_view method,
                            c10::string_view granularity, int64_t block_rows, int64_t block_cols, double threshold,
                            int64_t tie_cut, int64_t index_offset, double prior_scale, double lam, double var0,
-                           double var1, double score_lr, double sigmoid_l1, bool mask_grad, bool mask_weight,
-                           bool reuse_mask) {
+                           double var1, double score_lr, double sigmoid_l1, int64_t score_step, double score_beta1,
+                           double score_beta2, double score_eps, bool mask_grad, bool mask_weight, bool reuse_mask) {
   const bool movement = method == "movement" || method == "soft_movement";
   TORCH_CHECK(movement || method == "magnitude" || method == "mgpp",
               "method must be one of magnitude, mgpp, movement, soft_movement, got '", std::string(method), "'");
@@ -336,6 +451,34 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
   }
   TORCH_CHECK(has_scores || !movement, "scores is required for method='", std::string(method), "'");
   TORCH_CHECK(has_scores || score_lr == 0.0, "score_lr is non-zero but scores is None");
+  // Adam on the scores: both moments or neither, shaped like weight, in the scores' dtype
+  const bool has_avg = score_exp_avg.has_value() && score_exp_avg->defined();
+  const bool has_avg_sq = score_exp_avg_sq.has_value() && score_exp_avg_sq->defined();
+  TORCH_CHECK(has_avg == has_avg_sq,
+              "score_exp_avg and score_exp_avg_sq must be given together (Adam on the scores) or both be None, got ",
+              has_avg ? "score_exp_avg without score_exp_avg_sq" : "score_exp_avg_sq without score_exp_avg");
+  const bool adam = has_avg;
+  if (adam) {
+    TORCH_CHECK(has_scores, "score_exp_avg is given but scores is None");
+    TORCH_CHECK(scores->scalar_type() == at::kFloat || scores->scalar_type() == at::kDouble,
+                "scores must be float32 or float64 when they learn by Adam, got ", scores->scalar_type());
+    const auto check_moment = [&](const at::Tensor& t, const char* name) {
+      check_like(t, weight, name);
+      TORCH_CHECK(t.scalar_type() == scores->scalar_type(), name, " must have dtype ", scores->scalar_type(),
+                  " (the dtype of scores), got ", t.scalar_type());
+      TORCH_CHECK(!t.is_same(*scores), name, " must not be the scores tensor itself");
+    };
+    check_moment(*score_exp_avg, "score_exp_avg");
+    check_moment(*score_exp_avg_sq, "score_exp_avg_sq");
+    TORCH_CHECK(!score_exp_avg->is_same(*score_exp_avg_sq),
+                "score_exp_avg and score_exp_avg_sq must be different tensors");
+    TORCH_CHECK(score_step >= 1, "score_step must be >= 1 (the 1-based Adam step) when moments are given, got ",
+                score_step);
+    TORCH_CHECK(score_beta1 >= 0.0 && score_beta1 < 1.0, "score_beta1 must lie in [0, 1), got ", score_beta1);
+    TORCH_CHECK(score_beta2 >= 0.0 && score_beta2 < 1.0, "score_beta2 must lie in [0, 1), got ", score_beta2);
+    TORCH_CHECK(std::isfinite(score_eps) && score_eps >= 0.0, "score_eps must be a finite number >= 0, got ",
+                score_eps);
+  }
   const bool has_hist = histogram.has_value() && histogram->defined();
   if (has_hist) {
     TORCH_CHECK(movement, "histogram is only emitted for the movement methods");
@@ -375,6 +518,8 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
   const at::Tensor g = grad.contiguous();
   const at::Tensor m = mask.contiguous();
   const at::Tensor s = has_scores ? scores->contiguous() : at::Tensor();
+  const at::Tensor ea = adam ? score_exp_avg->contiguous() : at::Tensor();
+  const at::Tensor ea_sq = adam ? score_exp_avg_sq->contiguous() : at::Tensor();
   const Rule rule{movement, method == "soft_movement", reuse_mask, threshold, tie_cut, index_offset};
   HistogramMerger merger;
   HistogramMerger* merger_ptr = has_hist ? &merger : nullptr;
@@ -393,6 +538,11 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
                       sigmoid_l1 != 0.0,
                       static_cast<C>(score_lr),
                       static_cast<C>(sigmoid_l1),
+                      adam,
+                      adam ? ea.mutable_data_ptr<S>() : nullptr,
+                      adam ? ea_sq.mutable_data_ptr<S>() : nullptr,
+                      adam ? make_adam_step<C>(score_lr, score_step, score_beta1, score_beta2, score_eps)
+                           : AdamStep<C>{},
                       mask_grad,
                       has_prior,
                       has_prior ? make_prior<C>(lam, var0, var1, prior_scale) : Prior<C>{},
@@ -415,6 +565,8 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
   if (!grad.is_contiguous()) grad.copy_(g);
   if (!mask.is_contiguous()) mask.copy_(m);
   if (update_scores && !scores->is_contiguous()) scores->copy_(s);
+  if (update_scores && adam && !score_exp_avg->is_contiguous()) score_exp_avg->copy_(ea);
+  if (update_scores && adam && !score_exp_avg_sq->is_contiguous()) score_exp_avg_sq->copy_(ea_sq);
   if (has_hist) histogram->add_(at::from_blob(merger.total, {kHistSlots}, at::kLong));
 }
 
