@@ -11,11 +11,13 @@ Before t_i nothing is masked. At t_i, τ is set just below the lowest key (unles
 fixes it), so the first mask still keeps everything. λ_mvp then either
   * follows the schedule, λ_mvp(t) = soft_l1 · s(t)/s_f (when `soft_l1` is given: the reference's
     fixed final λ, whatever sparsity it reaches), or
-  * by default is steered so the sparsity reached tracks the schedule s(t), cool-down included:
-    every step, log λ_mvp += GAIN·(s(t+1) − sparsity now), at most ×2 or ÷2 per step. Its start at
-    t_i puts the penalty's gradient at the median |∂L/∂W'⊙W|. With Adam the scores move at most
-    about the score lr per step, so the sparsity follows within a few steps of lag, and the final
-    sparsity lands within half a point of the target (measured on MiniLM; reported, not forced).
+  * by default is steered so the sparsity tracks the schedule s(t), cool-down included: every step,
+    log λ_mvp += KI·(s(t+H) − the sparsity S > τ would give if every score kept its current Adam step
+    for H steps), by at most ±MAX_LOG_STEP. The projection leads the sparsity by about the lag of
+    Adam's momentum, which keeps λ_mvp from overshooting (a controller on the sparsity reached now
+    overshot by tens of points on a test layer). λ_mvp starts at t_i with the penalty's gradient at
+    the median |∂L/∂W'⊙W|. The sparsity is reported, not forced: on a test layer it lands within
+    half a point; on MiniLM at 250 steps it reached 91.1% for 90% (that model had collapsed).
 """
 
 from __future__ import annotations
