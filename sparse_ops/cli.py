@@ -116,6 +116,8 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float = 5e-5, m
     g.add_argument("--max-length", type=_positive_int, default=64, help="tokens per text (truncation)")
     g.add_argument("--score-optimizer", default="adam", choices=("adam", "sgd"),
                    help="how movement scores learn: Adam at 1e-2 as the reference (default), or first-order")
+    g.add_argument("--score-init", default="zeros", choices=("zeros", "magnitude"),
+                   help="movement scores start at 0 (the reference) or at |w|/std(|w|) (first TopK = magnitude's)")
     g.add_argument("--scope", default=None, choices=("global", "local"),
                    help="one threshold over all matrices or one per matrix (default: local for movement, else global)")
     g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (default 2)")
@@ -227,7 +229,7 @@ def _finetune_config(args, method: str | None = None):
     return FinetuneConfig(method=method or args.method, sparsity=args.sparsity, granularity=args.granularity,
                           block_size=args.block_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, max_length=args.max_length, device=args.device, bf16=args.bf16,
-                          score_optimizer=args.score_optimizer, scope=args.scope,
+                          score_optimizer=args.score_optimizer, score_init=args.score_init, scope=args.scope,
                           distill_temperature=args.temperature, distill_alpha=args.alpha)
 
 

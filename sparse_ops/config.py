@@ -41,7 +41,8 @@ class PruningConfig:
     MGPP: lam → lam_final linearly over the ramp, var0, var1, num_train_examples (n of the 1/n scale).
     Movement: score_optimizer "adam" (bias-corrected Adam on the scores with score_betas, score_eps,
     no weight decay, as the reference) or "sgd" (S ← S − score_lr·∂L/∂W'⊙W); score_lr follows the
-    optimizer's lr schedule.
+    optimizer's lr schedule. score_init "zeros" (the reference) or "magnitude" (|w|/std(|w|) per matrix:
+    the first TopK is magnitude's, then the scores' moves reorder it).
     Soft movement: soft_threshold τ (None: set at t_i just below the lowest score), soft_l1 (None:
     λ_mvp steered so the sparsity tracks the schedule; a number: the final λ_mvp, ramped with the
     schedule, sparsity not controlled; the penalty is λ_mvp·mean(sigmoid(S)) over all targeted
@@ -66,6 +67,7 @@ class PruningConfig:
     num_train_examples: int | None = None
     score_lr: float = 1e-2
     score_optimizer: str = "adam"
+    score_init: str = "zeros"
     score_betas: tuple[float, float] = (0.9, 0.999)
     score_eps: float = 1e-8
     soft_threshold: float | None = None
@@ -112,6 +114,8 @@ class PruningConfig:
                 continue
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.score_init not in ("zeros", "magnitude"):
+            raise ValueError(f"score_init must be 'zeros' or 'magnitude', got {self.score_init!r}")
         if self.score_optimizer not in ("adam", "sgd"):
             raise ValueError(f"score_optimizer must be 'adam' or 'sgd', got {self.score_optimizer!r}")
         if len(self.score_betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0

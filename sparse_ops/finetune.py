@@ -67,6 +67,7 @@ class FinetuneConfig:
     var1: float = 0.1
     score_lr: float = 1e-2
     score_optimizer: str = "adam"
+    score_init: str = "zeros"
     scope: str | None = None  # None: local for movement, global for magnitude and MGPP
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5
@@ -103,6 +104,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if self.score_init not in ("zeros", "magnitude"):
+            raise ValueError(f"score_init must be 'zeros' or 'magnitude', got {self.score_init!r}")
         if self.score_optimizer not in ("adam", "sgd"):
             raise ValueError(f"score_optimizer must be 'adam' or 'sgd', got {self.score_optimizer!r}")
         if self.scope not in (None, "global", "local"):
@@ -143,7 +146,7 @@ class FinetuneConfig:
                              end_step=t_e, interval=self.interval, granularity=self.granularity,
                              block_size=self.block_size, scope=self.scope, var0=self.var0, var1=self.var1,
                              num_train_examples=num_train_examples, score_lr=self.score_lr,
-                             score_optimizer=self.score_optimizer)
+                             score_optimizer=self.score_optimizer, score_init=self.score_init)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -185,3 +185,21 @@ def test_soft_movement_lands_within_half_a_point():
     assert abs(reached[-1] - 0.9) <= 0.005, reached[-20:]
     stats = pruner.stats()
     assert stats["pruning/lambda_mvp"] > 0 and math.isfinite(stats["pruning/threshold"])
+
+
+def test_magnitude_score_init_starts_from_the_magnitude_ranking():
+    model = toy_model()
+    config = PruningConfig(method="movement", sparsity=0.5, start_step=0, end_step=4, score_init="magnitude", **TARGETS)
+    pruner = Pruner(model, config)
+    for t in pruner.targets:
+        w = t.weight.detach().abs()
+        torch.testing.assert_close(t.scores, w / w.std())
+    x, y = toy_data(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    pruner.after_backward()  # step 0 = t_i: the mask of this forward came from the initial scores
+    for t in pruner.targets:  # after one Adam step (≤ ~1e-2) the next TopK is still close to magnitude's
+        w = t.weight.detach().abs()
+        magnitude_keep = w > w.flatten().kthvalue(pruner.schedule.prune_count(1, w.numel())).values
+        assert (t.mask == magnitude_keep).float().mean() > 0.9
+    with pytest.raises(ValueError, match="score_init must be"):
+        PruningConfig(method="movement", score_init="kaiming")

@@ -12,6 +12,11 @@ How the scores learn (`score_optimizer`):
          pass that also masks the gradient and emits the next selection's histogram.
   "sgd"  the paper's analysis form, S ← S − score_lr·∂L/∂W'⊙W.
 Either way the rate follows the optimizer's own schedule: score_lr × (current lr / initial lr).
+The scores start at 0 (`score_init="zeros"`, the reference) or at |w|/std(|w|) per matrix
+("magnitude"): then the first TopK is magnitude's and movement reorders it as the scores move by at
+most about the score lr per step. From zeros, Adam scores rank how consistently a weight was pushed
+toward zero, and on MiniLM at short budgets the first TopK steps remove weights the model cannot lose
+(benchmarks/bench_movement_selection.py); from magnitude the same run keeps its accuracy (README).
 
 TopK is per matrix (scope "local", the default, as in the reference) or over all targets
 ("global"). A global TopK never removes a whole matrix: a matrix the threshold would empty keeps
@@ -65,6 +70,9 @@ class Movement(PruningMethod):
         self.score_step = 0  # Adam steps taken on the scores
         for t in pruner.targets:
             t.scores = torch.zeros(t.weight.shape, dtype=torch.float32, device=t.weight.device)
+            if cfg.score_init == "magnitude":
+                w = t.weight.detach().float().abs()
+                t.scores.copy_(w / w.std().clamp_min(1e-30))
             if self.adam:
                 t.exp_avg, t.exp_avg_sq = torch.zeros_like(t.scores), torch.zeros_like(t.scores)
             t.module._sparse_ops_mask = t.mask
