@@ -100,6 +100,7 @@ def _existing_dir(text: str) -> str:
 # shared option groups
 # ---------------------------------------------------------------------------------------------
 def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float = 5e-5, method: str = "mgpp") -> None:
+    from .config import SCORE_INITS, SCORE_OPTIMIZERS
     from .finetune import METHODS
 
     g = p.add_argument_group("fine-tuning and pruning")
@@ -114,9 +115,9 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float = 5e-5, m
     g.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
                    help="fine-tune on a seeded random subset of N training examples")
     g.add_argument("--max-length", type=_positive_int, default=64, help="tokens per text (truncation)")
-    g.add_argument("--score-optimizer", default="adam", choices=("adam", "sgd"),
+    g.add_argument("--score-optimizer", default="adam", choices=SCORE_OPTIMIZERS,
                    help="how movement scores learn: Adam at 1e-2 as the reference (default), or first-order")
-    g.add_argument("--score-init", default="zeros", choices=("zeros", "magnitude"),
+    g.add_argument("--score-init", default="zeros", choices=SCORE_INITS,
                    help="movement scores start at 0 (the reference) or at |w|/std(|w|) (first TopK = magnitude's)")
     g.add_argument("--scope", default=None, choices=("global", "local"),
                    help="one threshold over all matrices or one per matrix (default: local for movement, else global)")

@@ -23,6 +23,8 @@ BERT_TARGETS = (
 )
 LLAMA_TARGETS = (r"(^|\.)layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",)
 DEFAULT_TARGETS = BERT_TARGETS + LLAMA_TARGETS
+SCORE_OPTIMIZERS = ("adam", "sgd")
+SCORE_INITS = ("zeros", "magnitude")
 DEFAULT_EXCLUDE = (r"(^|\.)(embeddings?|embed_tokens|pooler|classifier|lm_head|score|qa_outputs)(\.|$)",)
 
 
@@ -114,9 +116,9 @@ class PruningConfig:
                 continue
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.score_init not in ("zeros", "magnitude"):
+        if self.score_init not in SCORE_INITS:
             raise ValueError(f"score_init must be 'zeros' or 'magnitude', got {self.score_init!r}")
-        if self.score_optimizer not in ("adam", "sgd"):
+        if self.score_optimizer not in SCORE_OPTIMIZERS:
             raise ValueError(f"score_optimizer must be 'adam' or 'sgd', got {self.score_optimizer!r}")
         if len(self.score_betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0
                                                  for b in self.score_betas):

@@ -128,3 +128,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         terms = torch.where(p_teacher > 0, terms, terms.new_zeros(()))  # 0·log 0 = 0, even against −inf
         loss = loss + (alpha * temperature * temperature) * terms.sum()
     return loss / kept
+
+
+def num_outputs(model) -> int | None:
+    """The size of the logits' last dimension: the LM head's rows, else config.num_labels; None if unknown."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    return num_labels if isinstance(num_labels, int) else None

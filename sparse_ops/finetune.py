@@ -36,8 +36,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import PruningConfig
+from .config import SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
 from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
+from .distillation import distillation_loss, num_outputs
 from .pruner import Pruner, find_targets
 
 METHODS = ("dense", "magnitude", "movement", "soft_movement", "mgpp")
@@ -104,9 +105,9 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if self.score_init not in ("zeros", "magnitude"):
+        if self.score_init not in SCORE_INITS:
             raise ValueError(f"score_init must be 'zeros' or 'magnitude', got {self.score_init!r}")
-        if self.score_optimizer not in ("adam", "sgd"):
+        if self.score_optimizer not in SCORE_OPTIMIZERS:
             raise ValueError(f"score_optimizer must be 'adam' or 'sgd', got {self.score_optimizer!r}")
         if self.scope not in (None, "global", "local"):
             raise ValueError(f"scope must be None, 'global' or 'local', got {self.scope!r}")
@@ -186,8 +187,8 @@ def target_sparsity(model: nn.Module) -> dict[str, float]:
 
 
 def check_teacher(teacher: nn.Module, student: nn.Module) -> None:
-    """A teacher must be a classifier with the student's number of labels."""
-    n_t, n_s = getattr(teacher.config, "num_labels", None), getattr(student.config, "num_labels", None)
+    """A teacher must be a classifier with the student's number of labels (distillation.num_outputs)."""
+    n_t, n_s = num_outputs(teacher), num_outputs(student)
     if n_t != n_s:
         raise ValueError(f"teacher has {n_t} labels but the student has {n_s}; distillation needs the same labels")
 
@@ -200,7 +201,6 @@ def finetune(model: nn.Module, train: Batches, config: FinetuneConfig, *, eval_s
     on `eval_sets`; return (result dict, pruner or None)."""
     from tqdm.auto import tqdm
 
-    from .distillation import distillation_loss
 
     if not isinstance(config, FinetuneConfig):
         raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")

@@ -40,7 +40,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .config import PruningConfig
-from .distillation import check_temperature_alpha, distillation_loss
+from .distillation import check_temperature_alpha, distillation_loss, num_outputs
 from .pruner import Pruner, distributed_reduce
 
 STATE_NAME = "sparse_ops_pruner.pt"
@@ -95,16 +95,6 @@ class PruningCallback(TrainerCallback):
             self.pruner.finalize()
 
 
-def _num_outputs(model) -> int | None:
-    """The size of the logits' last dimension: the LM head's rows, else config.num_labels; None if unknown."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return weight.shape[0]
-    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    return num_labels if isinstance(num_labels, int) else None
-
-
 def _logits(outputs) -> torch.Tensor:
     """The logits of a model output without a loss: the "logits" entry, or the first of a tuple."""
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -143,7 +133,7 @@ class DistillationMixin:
         if teacher_model is student or shared:
             raise ValueError("teacher_model shares parameters with model (the student): pass a separate copy, "
                              "e.g. copy.deepcopy(model) before training, or the dense fine-tuned checkpoint")
-        mine, theirs = _num_outputs(student), _num_outputs(teacher_model)
+        mine, theirs = num_outputs(student), num_outputs(teacher_model)
         if mine is not None and theirs is not None and mine != theirs:
             raise ValueError(f"teacher_model has {theirs} output labels (logits of size {theirs}) but model (the "
                              f"student) has {mine}: distillation needs the same label set")

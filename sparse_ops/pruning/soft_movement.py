@@ -26,9 +26,9 @@ import math
 
 import torch
 
+from ..select import Threshold
 from .base import KEEP_ALL
 from .movement import Movement, keep_top
-from ..select import Threshold
 
 KI = 5.0             # log λ_mvp += KI·(s(t+H) − projected sparsity at t+H) per step ...
 MAX_LOG_STEP = 0.1   # ... by at most ±10% per step
@@ -116,7 +116,7 @@ class SoftMovement(Movement):
 
     def reached(self) -> float:
         """Fraction of the targeted weights the current masks prune."""
-        return sum(int((~t.mask).sum()) for t in self.pruner.targets) / self.numel
+        return sum(self.pruned_count(t) for t in self.pruner.targets) / self.numel
 
     def sigmoid_l1(self) -> float:
         return self.lam / self.numel
