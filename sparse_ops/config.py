@@ -43,8 +43,9 @@ class PruningConfig:
     MGPP: lam → lam_final linearly over the ramp, var0, var1, num_train_examples (n of the 1/n scale).
     Movement: score_optimizer "adam" (bias-corrected Adam on the scores with score_betas, score_eps,
     no weight decay, as the reference) or "sgd" (S ← S − score_lr·∂L/∂W'⊙W); score_lr follows the
-    optimizer's lr schedule. score_init "zeros" (the reference) or "magnitude" (|w|/std(|w|) per matrix:
-    the first TopK is magnitude's, then the scores' moves reorder it).
+    optimizer's lr schedule. score_init "magnitude" (default: |w|/std(|w|) per matrix, so
+    the first TopK is magnitude's and the scores' moves reorder it) or "zeros" (the reference's start,
+    which collapses to the majority class at a few epochs: README, "Movement pruning's collapse").
     Soft movement: soft_threshold τ (None: set at t_i just below the lowest score), soft_l1 (None:
     λ_mvp steered so the sparsity tracks the schedule; a number: the final λ_mvp, ramped with the
     schedule, sparsity not controlled; the penalty is λ_mvp·mean(sigmoid(S)) over all targeted
@@ -69,7 +70,7 @@ class PruningConfig:
     num_train_examples: int | None = None
     score_lr: float = 1e-2
     score_optimizer: str = "adam"
-    score_init: str = "zeros"
+    score_init: str = "magnitude"
     score_betas: tuple[float, float] = (0.9, 0.999)
     score_eps: float = 1e-8
     soft_threshold: float | None = None

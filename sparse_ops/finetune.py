@@ -68,7 +68,7 @@ class FinetuneConfig:
     var1: float = 0.1
     score_lr: float = 1e-2
     score_optimizer: str = "adam"
-    score_init: str = "zeros"
+    score_init: str = "magnitude"
     scope: str | None = None  # None: local for movement, global for magnitude and MGPP
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5

@@ -55,12 +55,17 @@ def lr_lambda(step):
     return 1.0 - step / (STEPS + 5)
 
 
-def reference_run(sparsity):
+def initial_scores(weight, score_init):
+    w = weight.detach().abs()
+    return w / w.std() if score_init == "magnitude" else torch.zeros_like(w)
+
+
+def reference_run(sparsity, score_init):
     """Scores as parameters in their own torch.optim.Adam (lr 1e-2, no weight decay), the weights in
     AdamW, both on the same linear decay: the forward uses W ⊙ TopK(S), so ∂L/∂S = ∂L/∂W'⊙W."""
     model = toy_model()
     linears = [model[0], model[2]]
-    scores = [nn.Parameter(torch.zeros_like(m.weight)) for m in linears]
+    scores = [nn.Parameter(initial_scores(m.weight, score_init)) for m in linears]
     weights_opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, foreach=False)
     scores_opt = torch.optim.Adam(scores, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, foreach=False)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for o in (weights_opt, scores_opt)]
@@ -92,12 +97,15 @@ def sparse_ops_run(config):
     return model, pruner
 
 
+@pytest.mark.parametrize("score_init", ["magnitude", "zeros"])
 @pytest.mark.parametrize("backend", [None, "reference"])
-def test_adam_scores_match_torch_adam_with_a_straight_through_topk(backend):
+def test_adam_scores_match_torch_adam_with_a_straight_through_topk(backend, score_init):
     sparsity = 0.8
-    ref_model, ref_scores, ref_masks = reference_run(sparsity)
-    config = PruningConfig(method="movement", sparsity=sparsity, start_step=T_I, end_step=T_E, **TARGETS)
+    ref_model, ref_scores, ref_masks = reference_run(sparsity, score_init)
+    config = PruningConfig(method="movement", sparsity=sparsity, start_step=T_I, end_step=T_E, score_init=score_init,
+                           **TARGETS)
     assert config.scope == "local" and config.score_optimizer == "adam"
+    assert PruningConfig(method="movement").score_init == "magnitude"  # the default
     with use_backend(backend):
         model, pruner = sparse_ops_run(config)
     for t, scores, mask in zip(pruner.targets, ref_scores, ref_masks):
@@ -106,7 +114,8 @@ def test_adam_scores_match_torch_adam_with_a_straight_through_topk(backend):
         assert int((~t.mask).sum()) == cubic_prune_count(STEPS, t.mask.numel(), sparsity)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert float(pruner.targets[0].scores.abs().max()) > 0.05  # the scores did move, by Adam-sized steps
+    moved = pruner.targets[0].scores - initial_scores(toy_model()[0].weight, score_init)
+    assert float(moved.abs().max()) > 0.05  # the scores did move, by Adam-sized steps
 
 
 def test_first_order_scores_follow_the_learning_rate_schedule():
@@ -116,7 +125,7 @@ def test_first_order_scores_follow_the_learning_rate_schedule():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
     config = PruningConfig(method="movement", sparsity=0.5, start_step=5, end_step=9, score_optimizer="sgd",
-                           score_lr=0.3, targets=(r"^0$",), exclude=())
+                           score_lr=0.3, score_init="zeros", targets=(r"^0$",), exclude=())
     pruner = Pruner(model, config, optimizer)
     want = torch.zeros(6, 8)
     for step in range(3):
@@ -160,7 +169,8 @@ def test_global_topk_never_empties_a_matrix():
     assert [int(t.mask.sum()) for t in pruner.targets] == [1, 1, 1]  # capped: one key per matrix
 
 
-def test_soft_movement_lands_within_half_a_point():
+@pytest.mark.parametrize("score_init", ["magnitude", "zeros"])
+def test_soft_movement_lands_within_half_a_point(score_init):
     """λ_mvp steering on a layer whose gradients mix a persistent signal with noise: the sparsity
     reached after the cool-down is within 0.5 points of the target."""
     torch.manual_seed(0)
@@ -170,7 +180,7 @@ def test_soft_movement_lands_within_half_a_point():
     steps = 200
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     config = PruningConfig(method="soft_movement", sparsity=0.9, start_step=20, end_step=140, targets=(r"^0$",),
-                           exclude=())
+                           exclude=(), score_init=score_init)
     pruner = Pruner(model, config, optimizer)
     signal = torch.randn(128, 96)
     reached = []

@@ -96,7 +96,8 @@ def test_two_four_pattern():
 
 @pytest.mark.parametrize("scope", ["global", "local"])
 def test_soft_movement_prunes_and_keeps_a_floor(scope):
-    _, pruner, losses = run("soft_movement", soft_threshold=0.0, soft_l1=1e6, score_lr=10.0, scope=scope)
+    _, pruner, losses = run("soft_movement", soft_threshold=0.0, soft_l1=1e6, score_lr=10.0, scope=scope,
+                          score_init="zeros")
     floored = 0
     for t in pruner.targets:
         kept = int(t.mask.sum())

