@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,7 @@ class LayerReport:
     block_size: tuple[int, int] | None = None
     ms: dict[str, float] = field(default_factory=dict)
     cached: bool = False
+    note: str = ""  # why a layer was kept dense when it qualified (e.g. its weight is tied elsewhere)
 
     @property
     def dense_ms(self) -> float | None:
@@ -80,7 +82,7 @@ class LayerReport:
         return {"name": self.name, "shape": [self.out_features, self.in_features], "sparsity": self.sparsity,
                 "format": self.format, "block_size": list(self.block_size) if self.block_size else None,
                 "ms": dict(self.ms), "dense_ms": self.dense_ms, "sparse_ms": self.sparse_ms,
-                "speedup": self.speedup, "cached": self.cached}
+                "speedup": self.speedup, "cached": self.cached, "note": self.note}
 
 
 @dataclass
@@ -122,7 +124,7 @@ class ExportReport:
             rows.append([row.name, f"{row.out_features}x{row.in_features}", f"{row.sparsity:.3f}", fmt,
                          ms(row.dense_ms)] + [ms(row.ms.get(c)) for c in candidates]
                         + [ms(row.sparse_ms), "" if row.speedup is None else f"{row.speedup:.2f}x",
-                           "cached" if row.cached else ""])
+                           "cached" if row.cached else row.note])
         totals = self.totals()
         rows.append(["total", "", "", f"{totals['exported']} of {totals['layers']} exported", ms(totals["dense_ms"])]
                     + [""] * len(candidates)
@@ -189,6 +191,24 @@ def _sparsity(weight: torch.Tensor) -> float:
     return 1.0 - torch.count_nonzero(weight).item() / weight.numel()
 
 
+def _tied_weights(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> dict[str, str]:
+    """{linear name: another name of its weight} for the linears whose .weight another module also
+    holds (a head tied to the embeddings): replacing such a layer would silently untie them."""
+    module_names: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(module), set()).add(name)
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    tied = {}
+    for name, linear in linears:
+        own = {f"{n}.weight" if n else "weight" for n in module_names[id(linear)]}
+        others = [h for h in holders.get(id(linear.weight), []) if h not in own]
+        if others:
+            tied[name] = others[0]
+    return tied
+
+
 def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     """Swap every reference to a replaced module (a module shared under several names included)."""
     for _, parent in model.named_modules(remove_duplicate=False):
@@ -207,7 +227,9 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     out_proj, whose weight its parent reads directly) whose weight has a fraction of zeros >=
     min_sparsity; or, when `patterns` (regexes, re.search on module names) is given, the nn.Linear
     layers whose name matches one of them, whatever their sparsity. A module shared under several names
-    is replaced everywhere. The others are left as they are and listed as "kept dense".
+    is replaced everywhere. A layer whose weight another module also holds (tied, e.g. a language-model
+    head sharing the embeddings) is kept dense with a warning. The others are left as they are and
+    listed as "kept dense".
     format: "auto" (time dense, csr and bsr(block_size) at `tokens` tokens on the layer's device and
     keep the fastest: sparse_ops.nn.choose_format, decisions cached in `cache`), "bsr", "csr" or
     "dense" (the chosen format is timed against dense for the report), or a dict {regex: format}
@@ -232,6 +254,14 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
             raise ValueError(f"no nn.Linear of the model has sparsity >= min_sparsity={min_sparsity} (the sparsest has "
                              f"{max(sparsities.values()):.3f}): a model with nothing to prune")
     selected = set(selected)
+    tied = {name: other for name, other in _tied_weights(model, linears).items() if name in selected}
+    for name, other in tied.items():
+        warnings.warn(f"export: {name} is kept dense: its weight is also {other} (tied), which a sparse layer "
+                      "would silently untie", stacklevel=2)
+    selected -= set(tied)
+    if not selected:
+        raise ValueError(f"every selected nn.Linear has a tied weight ({sorted(tied)}): a model with nothing to "
+                         "export")
     if dtype is not None:  # only now: a rejected export leaves the model untouched
         model.to(dtype)
         sparsities = {name: _sparsity(m.weight.detach()) for name, m in linears}
@@ -239,7 +269,8 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     for name, linear in linears:
         out_features, in_features = linear.weight.shape
         if name not in selected:
-            rows.append(LayerReport(name, out_features, in_features, sparsities[name], KEPT_DENSE))
+            note = f"tied to {tied[name]}" if name in tied else ""
+            rows.append(LayerReport(name, out_features, in_features, sparsities[name], KEPT_DENSE, note=note))
             continue
         fmt = format if format_rules is None else next((f for p, f in format_rules if p.search(name)), "auto")
         weight = linear.weight.detach()
@@ -309,7 +340,9 @@ def load_exported(model: nn.Module, path: str | os.PathLike, *, device: torch.de
     SparseLinear of the saved format (in the skeleton's dtype: build the skeleton in the saved dtype
     for a bit-exact load), then every tensor is loaded (strict: missing or unexpected keys raise).
     device: move the model there and load the tensors onto it (None: load where the model is; every
-    format has a CPU kernel, so no GPU is needed). Returns the model, modified in place."""
+    format has a CPU kernel, so no GPU is needed). Returns the model, modified in place and in eval
+    mode: exported layers are for inference, and a skeleton from from_config starts in training mode
+    (dropout on)."""
     from safetensors.torch import load_model
 
     if not isinstance(model, nn.Module):
@@ -341,4 +374,4 @@ def load_exported(model: nn.Module, path: str | os.PathLike, *, device: torch.de
     if device is not None:
         model.to(device)
     load_model(model, os.fspath(path), strict=True, device=str(device) if device is not None else "cpu")
-    return model
+    return model.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +246,55 @@ def test_shared_modules_are_replaced_everywhere():
     export(model, "csr", timer=FakeTimer())
     assert isinstance(model[0], SparseLinear) and model[0] is model[2]
     assert len(model.sparse_ops_report.layers) == 1
+
+
+def test_a_tied_weight_is_kept_dense_with_a_warning():
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.body, self.head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.body(self.embed(ids))))
+
+    model = TiedHead()
+    with torch.no_grad():
+        model.body.weight.mul_(torch.eye(8))
+        model.embed.weight.mul_(torch.rand(16, 8) > 0.8)
+    ids = torch.arange(16).view(2, 8)
+    with torch.no_grad():
+        want = model(ids)
+    with pytest.warns(UserWarning, match=r"head is kept dense: its weight is also embed\.weight"):
+        export(model, "csr", timer=FakeTimer(tokens=128))
+    assert isinstance(model.body, SparseLinear) and type(model.head) is nn.Linear
+    assert model.head.weight is model.embed.weight  # still tied
+    row = {r.name: r for r in model.sparse_ops_report.layers}["head"]
+    assert row.format == "kept dense" and row.note == "tied to embed.weight" and "tied to embed.weight" in str(
+        model.sparse_ops_report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want)
+    with pytest.raises(ValueError, match="tied weight"), pytest.warns(UserWarning):
+        export(TiedHead(), "csr", patterns=[r"^head$"], timer=FakeTimer())
+
+
+def test_readme_export_snippet_runs_as_printed(tmp_path, monkeypatch):
+    """The README's export block, executed verbatim on a pruned BERT saved as "pruned": the loaded
+    skeleton is in eval mode and its outputs equal the exported model's bit for bit."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Inference: export a pruned model to sparse layers", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "load_exported(skeleton" in snippet
+    pruned_bert(seed=5).save_pretrained(tmp_path / "pruned")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPARSE_OPS_CACHE_DIR", str(tmp_path / "cache"))
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    model, skeleton = namespace["model"], namespace["skeleton"]
+    assert not skeleton.training and not any(m.training for m in skeleton.modules())
+    inputs = batch(seed=6)
+    for a, b in zip(outputs(skeleton, inputs), outputs(model, inputs)):
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------
