@@ -152,7 +152,7 @@ def _add_bench(p: argparse.ArgumentParser, shapes: str, repeats: int) -> None:
                    help=f"batch x sequence length of the timed forwards (default {shapes})")
     g.add_argument("--repeats", type=_positive_int, default=repeats,
                    help=f"timed forwards per model (default {repeats})")
-    g.add_argument("--format", default="auto", choices=("auto", "bsr", "csr", "dense"),
+    g.add_argument("--format", default="auto", choices=("auto", "bsr", "csr", "2:4", "dense"),
                    help="sparse format of the exported layers (auto: the fastest per layer, measured)")
     g.add_argument("--export-block-size", type=_block_size, default=(32, 32), metavar="RxC")
     g.add_argument("--tokens", type=_positive_int, default=128, help="tokens at which export times the formats")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"])
     p.add_argument("checkpoint", type=_existing_dir, help="a pruned checkpoint directory")
-    p.add_argument("--format", default="auto", choices=("auto", "bsr", "csr", "dense"))
+    p.add_argument("--format", default="auto", choices=("auto", "bsr", "csr", "2:4", "dense"))
     p.add_argument("--block-size", type=_block_size, default=(32, 32), metavar="RxC")
     p.add_argument("--tokens", type=_positive_int, default=128, help="tokens at which the formats are timed")
     p.add_argument("--min-sparsity", type=_sparsity, default=0.5, help="export layers at least this sparse")

@@ -231,7 +231,7 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     head sharing the embeddings) is kept dense with a warning. The others are left as they are and
     listed as "kept dense".
     format: "auto" (time dense, csr and bsr(block_size) at `tokens` tokens on the layer's device and
-    keep the fastest: sparse_ops.nn.choose_format, decisions cached in `cache`), "bsr", "csr" or
+    keep the fastest: sparse_ops.nn.choose_format, decisions cached in `cache`), "bsr", "csr", "2:4" or
     "dense" (the chosen format is timed against dense for the report), or a dict {regex: format}
     whose first key matching a layer's name decides it ("auto" when none matches).
     dtype: convert the whole model to it first (None keeps the model's dtype).
@@ -276,12 +276,15 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
         cached = False
-        if fmt == "auto":
-            choice = choose_format(weight, bias, block_size, tokens, timer=timer, cache=cache)
-            fmt, ms, cached = choice.format, choice.ms, choice.cached
-        else:
-            ms = measure_formats(weight, bias, tuple(dict.fromkeys(("dense", fmt))), block_size, tokens, timer)
-        replacements[id(linear)] = SparseLinear.from_dense(linear, fmt, block_size)
+        try:
+            if fmt == "auto":
+                choice = choose_format(weight, bias, block_size, tokens, timer=timer, cache=cache)
+                fmt, ms, cached = choice.format, choice.ms, choice.cached
+            else:
+                ms = measure_formats(weight, bias, tuple(dict.fromkeys(("dense", fmt))), block_size, tokens, timer)
+            replacements[id(linear)] = SparseLinear.from_dense(linear, fmt, block_size)
+        except ValueError as exc:  # e.g. format "2:4" for a weight that is not: name the layer
+            raise ValueError(f"export of {name} as {fmt!r}: {exc}") from None
         rows.append(LayerReport(name, out_features, in_features, sparsities[name], fmt,
                                 block_size if fmt == "bsr" else None, ms, cached))
     _replace_modules(model, replacements)

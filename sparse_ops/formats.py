@@ -99,3 +99,22 @@ def check_compressed(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor
         same_row = row_of[1:] == row_of[:-1]
         if (same_row & (col64[1:] <= col64[:-1])).any():
             raise ValueError(f"{name}: col_indices must be strictly increasing within each row")
+
+
+def check_two_four(crow: torch.Tensor, col: torch.Tensor, num_cols: int, name: str = "weight") -> None:
+    """A CSR weight is 2:4 when every group of 4 consecutive columns (4g … 4g+3) of every row holds at
+    most 2 stored entries, and num_cols is a multiple of 4. ValueError naming the first offending group."""
+    if num_cols % 4:
+        raise ValueError(f"{name}: a 2:4 weight needs in_features divisible by 4, got {num_cols}")
+    groups = num_cols // 4
+    rows = crow.numel() - 1
+    counts = crow.long()[1:] - crow.long()[:-1]
+    row_of = torch.repeat_interleave(torch.arange(rows, device=col.device), counts)
+    per_group = torch.bincount(row_of * groups + col.long() // 4, minlength=rows * groups)
+    bad = (per_group > 2).nonzero()
+    if bad.numel():
+        first = int(bad[0])
+        r, g = divmod(first, groups)
+        raise ValueError(f"{name} is not 2:4: row {r}, columns {4 * g}…{4 * g + 3} hold {int(per_group[first])} "
+                         "non-zeros (at most 2 of every 4 consecutive entries along in_features)")
+

@@ -37,7 +37,10 @@ from torch import nn
 from . import formats, reference
 from ._extension import has_cuda_kernel
 
-FORMATS = ("bsr", "csr", "dense")
+FORMATS = ("bsr", "csr", "2:4", "dense")
+AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; 2:4 joins where semi_structured()
+_ROW_COMPRESSED = ("csr", "2:4")  # stored as CSR (2:4 also as torch's semi-structured tensor on CUDA)
+_SEMI_DTYPES = (torch.float16, torch.bfloat16)
 _INDEX_BUFFERS = ("crow_indices", "col_indices")
 _COMPRESSED = ("crow_indices", "col_indices", "values")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -60,6 +63,36 @@ def _check_format(format, allowed=FORMATS) -> str:
 # ----------------------------------------------------------------------------------------------
 Timer = Callable[[nn.Module, torch.Tensor], float]
 """timer(layer, x) -> milliseconds of one layer(x) call. Injectable so tests do not depend on timing."""
+
+
+def semi_structured_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why torch's semi-structured 2:4 path (cuSPARSELt / CUTLASS) cannot serve a layer on this device
+    and dtype, or None when it can: CUDA, compute capability 8.0 or newer, fp16 or bf16."""
+    if device.type != "cuda":
+        return f"device {device.type} (the semi-structured kernels are CUDA only)"
+    if dtype not in _SEMI_DTYPES:
+        return f"dtype {dtype} (the semi-structured kernels take float16 or bfloat16)"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return f"compute capability {torch.cuda.get_device_capability(device)} (needs 8.0+)"
+    return None
+
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason not in _FALLBACK_WARNED:  # once per reason and process
+        _FALLBACK_WARNED.add(reason)
+        warnings.warn(f"SparseLinear format='2:4' computes through CSR here: {reason}", RuntimeWarning, stacklevel=4)
+
+
+def auto_formats(weight: torch.Tensor) -> tuple[str, ...]:
+    """The candidates format="auto" times for this weight: bsr, csr and dense, plus 2:4 where the
+    weight is 2:4 and torch's semi-structured path serves its device and dtype."""
+    if semi_structured_unavailable(weight.device, weight.dtype) is not None or weight.shape[1] % 4:
+        return AUTO_FORMATS
+    groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(2)
+    return AUTO_FORMATS + ("2:4",) if bool((groups <= 2).all()) else AUTO_FORMATS
 
 
 def time_forward(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
@@ -217,8 +250,8 @@ FORMAT_CACHE = FormatCache()
 
 def choose_format(weight: torch.Tensor, bias: torch.Tensor | None = None, block_size=(32, 32), tokens: int = 128, *,
                   timer: Timer | None = None, cache: FormatCache | None = FORMAT_CACHE) -> FormatChoice:
-    """The fastest of dense, csr and bsr(block_size) for this weight at `tokens` tokens, on its device and
-    in its dtype; dense whenever dense is at least as fast. A decision found in `cache` (key:
+    """The fastest of dense, csr, bsr(block_size) and, where auto_formats offers it, 2:4 for this weight
+    at `tokens` tokens, on its device and in its dtype; dense whenever dense is at least as fast. A decision found in `cache` (key:
     format_cache_key) is returned without timing; cache=None times every call and stores nothing."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in _DTYPES:
         raise ValueError(f"weight must be a 2-D floating tensor, got {getattr(weight, 'dtype', type(weight))}")
@@ -227,19 +260,27 @@ def choose_format(weight: torch.Tensor, bias: torch.Tensor | None = None, block_
     key = format_cache_key(weight, block_size, tokens, bias is not None) if cache is not None else None
     if cache is not None and (entry := cache.get(key)) is not None:
         return FormatChoice(entry["format"], dict(entry.get("ms", {})), cached=True)
-    ms = measure_formats(weight, bias, FORMATS, block_size, tokens, timer)
-    best = min(FORMATS, key=lambda fmt: (ms[fmt], fmt != "dense"))
+    candidates = auto_formats(weight)
+    ms = measure_formats(weight, bias, candidates, block_size, tokens, timer)
+    best = min(candidates, key=lambda fmt: (ms[fmt], fmt != "dense"))
     if cache is not None:
         cache.put(key, {"format": best, "ms": ms})
     return FormatChoice(best, ms, cached=False)
 
 
 class SparseLinear(nn.Module):
-    """y = x @ Wᵀ + bias with W (out_features × in_features) held as "bsr", "csr" or "dense".
+    """y = x @ Wᵀ + bias with W (out_features × in_features) held as "bsr", "csr", "2:4" or "dense".
 
-    Buffers: bsr/csr -> crow_indices (int32), col_indices (int32), values ((nnz_blocks, br, bc) for bsr,
-    (nnz,) for csr); dense -> weight (out, in); and bias (out,) or None. A new layer holds an all-zero
-    weight; fill it with from_dense or load_state_dict.
+    Buffers: bsr/csr/2:4 -> crow_indices (int32), col_indices (int32), values ((nnz_blocks, br, bc) for
+    bsr, (nnz,) for csr and 2:4); dense -> weight (out, in); and bias (out,) or None. A new layer holds
+    an all-zero weight; fill it with from_dense or load_state_dict.
+
+    "2:4": at most 2 non-zeros in every 4 consecutive entries of a row (checked; the error names the
+    first offending group). On CUDA in fp16/bf16 on sm_80+ the forward runs torch's semi-structured
+    sparsity (torch.sparse.to_sparse_semi_structured: cuSPARSELt or CUTLASS), built from the CSR
+    buffers whenever the layer is built, loaded or moved; elsewhere (CPU, fp32, shapes the
+    semi-structured kernels refuse) it computes the same product through csr_linear, with a one-time
+    warning. The state_dict is the CSR triple either way, so save and load stay exact.
     """
 
     def __init__(self, in_features: int, out_features: int, format: str, block_size=(32, 32), bias: bool = True,
@@ -259,12 +300,14 @@ class SparseLinear(nn.Module):
         if format == "dense":
             self.register_buffer("weight", torch.zeros(out_features, in_features, **kw))
         else:
-            rows = out_features if format == "csr" else -(-out_features // br)
+            row_compressed = format in _ROW_COMPRESSED
+            rows = out_features if row_compressed else -(-out_features // br)
             self.register_buffer("crow_indices", torch.zeros(rows + 1, **index))
             self.register_buffer("col_indices", torch.zeros(0, **index))
-            shape = (0,) if format == "csr" else (0, br, bc)
+            shape = (0,) if row_compressed else (0, br, bc)
             self.register_buffer("values", torch.zeros(shape, **kw))
         self.register_buffer("bias", torch.zeros(out_features, **kw) if bias else None)
+        self._semi = None  # 2:4 on CUDA: torch's semi-structured weight (derived from the CSR buffers)
 
     # ------------------------------------------------------------------------------------------
     # construction and conversion
@@ -299,12 +342,14 @@ class SparseLinear(nn.Module):
             if format == "dense":
                 layer.weight.copy_(weight)
             else:
-                triple = formats.dense_to_csr(weight) if format == "csr" else formats.dense_to_bsr(weight, block_size)
+                triple = (formats.dense_to_csr(weight) if format in _ROW_COMPRESSED
+                          else formats.dense_to_bsr(weight, block_size))
+                layer._check_compressed(*triple)
                 for name, t in zip(_COMPRESSED, triple):
                     layer._buffers[name] = t
-                layer._check_compressed(*triple)
             if bias is not None:
                 layer.bias.copy_(bias)
+        layer._build_semi()
         return layer
 
     def to_dense(self) -> nn.Linear:
@@ -322,7 +367,7 @@ class SparseLinear(nn.Module):
         shape = (self.out_features, self.in_features)
         if self.format == "dense":
             return self.weight.clone()
-        to_dense = reference.csr_to_dense_ref if self.format == "csr" else reference.bsr_to_dense_ref
+        to_dense = reference.csr_to_dense_ref if self.format in _ROW_COMPRESSED else reference.bsr_to_dense_ref
         return to_dense(self.crow_indices, self.col_indices, self.values, shape)
 
     # ------------------------------------------------------------------------------------------
@@ -370,7 +415,9 @@ class SparseLinear(nn.Module):
                             "with .to(dtype))")
         if self.format == "dense":
             return F.linear(x, self.weight, self.bias)
-        op = torch.ops.sparse_ops.csr_linear if self.format == "csr" else torch.ops.sparse_ops.bsr_linear
+        if self._semi is not None:
+            return F.linear(x, self._semi, self.bias)
+        op = torch.ops.sparse_ops.csr_linear if self.format in _ROW_COMPRESSED else torch.ops.sparse_ops.bsr_linear
         return op(x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features)
 
     # ------------------------------------------------------------------------------------------
@@ -385,16 +432,32 @@ class SparseLinear(nn.Module):
             new = self._buffers[name]
             if new.dtype != formats.INDEX_DTYPE:
                 self._buffers[name] = old.to(new.device)
+        self._build_semi()
         return result
+
+    def _build_semi(self) -> None:
+        """2:4: (re)build torch's semi-structured weight from the CSR buffers where that path serves the
+        layer's device, dtype and shape; otherwise leave it None (csr_linear), warning once."""
+        self._semi = None
+        if self.format != "2:4":
+            return
+        reason = semi_structured_unavailable(self.device, self.dtype)
+        if reason is None:
+            try:
+                self._semi = torch.sparse.to_sparse_semi_structured(self.dense_weight().contiguous())
+            except (RuntimeError, ValueError) as exc:  # e.g. shapes the kernels do not take
+                reason = f"to_sparse_semi_structured refused the {self.out_features}x{self.in_features} weight ({exc})"
+        if reason is not None:
+            _warn_fallback(reason)
 
     def _check_compressed(self, crow, col, values, name: str = "weight") -> None:
         """Validate a bsr/csr triple for this layer's shape (O(nnz)); ValueError naming what is wrong."""
         if not isinstance(values, torch.Tensor) or not values.is_floating_point():
             raise ValueError(f"{name}: values must be a floating tensor, got {getattr(values, 'dtype', values)}")
-        if self.format == "csr":
+        if self.format in _ROW_COMPRESSED:
             if values.dim() != 1:
-                raise ValueError(f"{name}: this layer holds a csr weight, so values must be 1-D (nnz,), got shape "
-                                 f"{tuple(values.shape)}")
+                raise ValueError(f"{name}: this layer holds a {self.format} weight, so values must be 1-D (nnz,), "
+                                 f"got shape {tuple(values.shape)}")
             rows, cols = self.out_features, self.in_features
         else:
             if values.dim() != 3 or values.shape[1] < 1 or values.shape[2] < 1:
@@ -402,6 +465,8 @@ class SparseLinear(nn.Module):
                                  f"block_rows, block_cols), got {tuple(values.shape)}")
             rows, cols = -(-self.out_features // values.shape[1]), -(-self.in_features // values.shape[2])
         formats.check_compressed(crow, col, values, rows, cols, name=name)
+        if self.format == "2:4":
+            formats.check_two_four(crow, col, cols, name=name)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -426,3 +491,4 @@ class SparseLinear(nn.Module):
                         self._buffers[name] = current.new_empty(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._build_semi()
