@@ -13,6 +13,8 @@ and every format computes y = x @ Wᵀ + bias on the same x:
   bsr<b>       torch.ops.sparse_ops.bsr_linear with b×b blocks (C++ on CPU, Triton on GPU)
   torch_csr    F.linear(x, W.to_sparse_csr()) + bias
   torch_bsr<b> F.linear(x, W.to_sparse_bsr((b, b))) + bias
+  2:4          SparseLinear(format="2:4") on a 2:4 weight (the 2 largest |w| of every 4 kept, 50%
+               sparse whatever s): torch's semi-structured sparsity on CUDA fp16/bf16, CSR elsewhere
 Timing: medians (p20/p80) over --repeats calls after warm-up, all formats of a point in one run.
 speedup = dense median / format median. check: max error against a float64 reference must be at most
 2× the error of dense F.linear in the same dtype (+ a floor of 1e-6·‖y‖∞ scaled per dtype), the
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_ops  # noqa: F401  (registers torch.ops.sparse_ops)
+from sparse_ops import SparseLinear
 from sparse_ops.formats import dense_to_bsr, dense_to_csr
 from sparse_ops.ops import cpu_backend
 
@@ -50,7 +53,7 @@ FIELDS = ("bench", "shape", "out_features", "in_features", "tokens", "dtype", "s
 DEFAULTS = {
     "cuda": {"shapes": ",".join(SHAPES), "tokens": "1,16,128,2048", "dtypes": "float16,bfloat16,float32",
              "sparsities": ",".join(map(str, SPARSITIES)),
-             "formats": "dense,csr,bsr32,bsr64,torch_csr,torch_bsr32"},
+             "formats": "dense,csr,bsr32,bsr64,torch_csr,torch_bsr32,2:4"},
     "cpu": {"shapes": ",".join(SHAPES), "tokens": "1,16,128,2048", "dtypes": "float32",
             "sparsities": "0.5,0.8,0.9,0.95,0.99", "formats": "dense,csr,bsr32,torch_csr,torch_bsr32"},
 }
@@ -73,6 +76,13 @@ def masked_weight(out_f: int, in_f: int, sparsity: float, block: int | None, dty
     return w.to(device=device, dtype=dtype)
 
 
+def two_four_weight(w: torch.Tensor) -> torch.Tensor:
+    """w with the 2 smallest |w| of every 4 consecutive inputs set to zero (50% sparse, 2:4)."""
+    groups = w.view(w.shape[0], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.abs().topk(2, dim=2).indices, True)
+    return (groups * keep).view_as(w)
+
+
 def block_of(fmt: str) -> int | None:
     digits = "".join(ch for ch in fmt if ch.isdigit())
     return int(digits) if digits else None
@@ -91,6 +101,12 @@ def make_format(fmt: str, w: torch.Tensor, bias: torch.Tensor):
         crow, col, vals = dense_to_bsr(w, block_of(fmt))
         nbytes = vals.numel() * vals.element_size() + 4 * (crow.numel() + col.numel())
         return (lambda x: torch.ops.sparse_ops.bsr_linear(x, crow, col, vals, bias, out_f)), nbytes
+    if fmt == "2:4":  # SparseLinear: torch's semi-structured sparsity on CUDA fp16/bf16, else its CSR path
+        layer = SparseLinear._from_weight(w, bias, "2:4", (32, 32))
+        path = "semi-structured" if layer._semi is not None else "csr"
+        nbytes = (w.numel() // 2 * w.element_size() + w.numel() // 8 if path == "semi-structured"
+                  else layer.values.numel() * w.element_size() + 4 * (layer.crow_indices.numel() + layer.nnz()))
+        return layer, nbytes
     if fmt == "torch_csr":
         ws = w.to_sparse_csr()
         return (lambda x: F.linear(x, ws) + bias), ws.values().numel() * w.element_size()
@@ -112,6 +128,8 @@ def backend_of(fmt: str, device: str) -> str:
         return "cublas" if device == "cuda" else "mkl/onednn"
     if fmt.startswith("torch_"):
         return "torch.sparse"
+    if fmt == "2:4":
+        return "semi-structured" if device == "cuda" else cpu_backend("csr_linear")
     if device == "cuda":
         return "triton" if fmt.startswith("bsr") else "cuda"
     return cpu_backend(f"{'bsr' if fmt.startswith('bsr') else 'csr'}_linear")
@@ -127,9 +145,10 @@ def bench_point(args, env, shape_name, out_f, in_f, tokens, dtype, sparsity, for
         if (device == "cpu" and fmt.startswith("torch_bsr") and not args.formats
                 and tokens > CPU_TORCH_BSR_MAX_TOKENS[shape_name.split("-")[0]]):
             continue
-        pattern = None if fmt in ("dense", "csr", "torch_csr") else block_of(fmt)
+        pattern = fmt if fmt == "2:4" else None if fmt in ("dense", "csr", "torch_csr") else block_of(fmt)
         if pattern not in weights:
-            weights[pattern] = masked_weight(out_f, in_f, sparsity, pattern, dtype, device, gen)
+            weights[pattern] = (two_four_weight(masked_weight(out_f, in_f, 0.0, None, dtype, device, gen))
+                                if pattern == "2:4" else masked_weight(out_f, in_f, sparsity, pattern, dtype, device, gen))
         w = weights[pattern]
         timing, check, note, nbytes = None, "", "", 0
         try:
@@ -148,7 +167,8 @@ def bench_point(args, env, shape_name, out_f, in_f, tokens, dtype, sparsity, for
         if fmt == "dense" and timing:
             dense_ms = timing.median_ms
         rows.append({"bench": "sparse_linear", "shape": shape_name, "out_features": out_f, "in_features": in_f,
-                     "tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "sparsity": sparsity,
+                     "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
+                     "sparsity": 0.5 if fmt == "2:4" else sparsity,
                      "format": fmt, "backend": backend_of(fmt, device),
                      "time_ms": timing.median_ms if timing else None, "p20_ms": timing.p20_ms if timing else None,
                      "p80_ms": timing.p80_ms if timing else None,

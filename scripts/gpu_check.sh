@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One prepared GPU session: build with CUDA, test every Triton and CUDA kernel on the GPU (compiled,
+# TRITON_INTERPRET=0), compute-sanitizer memcheck and racecheck on the CUDA CSR tests, and a reduced
+# grid of the GPU benchmarks at the SPEC §6 points. Made for one device call of at most 8 minutes
+# (--quick: about 3), with no network: everything it needs is in the repository (wheels it must
+# install may be carried in .whl/, see ../.library/device/README.md).
+#
+#   bash scripts/gpu_check.sh [--quick] [OUT_DIR]       OUT_DIR: $OUT if set, else gpu_check_out/
+#
+# Leaves at most 8 files in OUT_DIR: summary.txt (each check passed / failed / skipped, then the
+# SPEC §6 GPU rows with their measured ratios), results.tar.gz (benchmarks/results/<device>/ and
+# every log) and up to 5 PNGs. On a machine without a GPU it runs what can run there and marks the
+# GPU checks skipped, so the script itself is tested on CPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
+OUT_DIR=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+LOGS=$(mktemp -d)
+SUMMARY="$OUT_DIR/summary.txt"
+: > "$SUMMARY"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 NM_DISABLE_ANALYTICS=1
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+# step NAME SECONDS command...: run with a time limit, log to $LOGS/NAME.log, record the outcome
+step() {
+    local name=$1 limit=$2 start rc
+    shift 2
+    start=$(date +%s)
+    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then note "PASS  $name ($(( $(date +%s) - start )) s)"
+    elif [ $rc -eq 124 ]; then note "FAIL  $name: over its ${limit} s limit (log: $name.log)"
+    else note "FAIL  $name: exit $rc (log: $name.log)"; tail -5 "$LOGS/$name.log" | sed 's/^/      /' | tee -a "$SUMMARY"
+    fi
+}
+skip() { note "SKIP  $1: $2"; }
+
+note "sparse_ops gpu_check $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(date -u +%FT%TZ) quick=$QUICK"
+if ls .whl/*.whl > /dev/null 2>&1; then  # carried wheels (no network on the device machine)
+    step install_wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import torch
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = "missing"
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}, device: {gpu}")
+EOF
+HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+
+# 1. build: the extension with CUDA kernels for this GPU's architecture (9.0 on an H200)
+ARCH=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; c = torch.cuda.get_device_capability() \
+    if torch.cuda.is_available() else (9, 0); print(f'{c[0]}.{c[1]}')")}
+if [ "$HAS_GPU" = 1 ] || ! "$PY" -c "import sparse_ops._extension as e, sys; sys.exit(not e.load_extension())" 2>/dev/null; then
+    # ninja (a carried wheel if the image lacks it) makes MAX_JOBS count; without it the build is serial
+    step build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
+else
+    skip build "no GPU, and the CPU extension is already built"
+fi
+step extension 60 "$PY" -c "import sparse_ops, torch; from sparse_ops._extension import has_cuda_kernel; \
+import sys; cuda = has_cuda_kernel('sparse_ops::csr_linear_cuda'); print('CUDA csr kernel:', cuda); \
+sys.exit(0 if cuda or not torch.cuda.is_available() else 1)"
+
+# 2. every Triton and CUDA kernel against its reference, on the GPU
+GPU_TESTS="tests/test_bsr_linear.py tests/test_csr_linear_cuda.py tests/test_fused_prune_step.py
+    tests/test_kthvalue.py tests/test_mgp_prior_grad.py tests/test_two_four_format.py
+    tests/test_sparse_linear_module.py tests/test_export.py"
+if [ "$HAS_GPU" = 1 ]; then
+    # shellcheck disable=SC2086  # the list is word-split on purpose
+    step gpu_tests $([ $QUICK = 1 ] && echo 150 || echo 240) env SPARSE_OPS_REQUIRE_EXT=1 \
+        "$PY" -m pytest -q -p no:cacheprovider -k cuda $GPU_TESTS
+    step memcheck 120 env SANITIZER_TOOL=memcheck bash scripts/sanitize_cuda.sh -x
+    [ $QUICK = 1 ] || step racecheck 120 env SANITIZER_TOOL=racecheck bash scripts/sanitize_cuda.sh -x
+else
+    skip gpu_tests "no GPU"; skip memcheck "no GPU"; skip racecheck "no GPU"
+fi
+
+# 3. the GPU benchmarks at the SPEC §6 points (reduced grid)
+if [ "$HAS_GPU" = 1 ]; then
+    SHAPES=bert-qkvo,bert-ffn-up,bert-ffn-down,llm-qkvo,llm-ffn-up
+    [ $QUICK = 1 ] && SHAPES=bert-ffn-up,llm-ffn-up
+    step bench_sparse_linear 180 "$PY" benchmarks/bench_sparse_linear.py --shapes "$SHAPES" \
+        --tokens 1,16,128,2048 --sparsities 0.9 --dtypes float16 \
+        --formats dense,csr,bsr32,torch_csr,torch_bsr32,2:4
+    step bench_fused_prune_step 120 "$PY" benchmarks/bench_fused_prune_step.py --repeats 5
+    step bench_kthvalue 90 "$PY" benchmarks/bench_kthvalue.py --repeats 5 --multi-dtypes ''
+    [ $QUICK = 1 ] || step bench_model 150 "$PY" benchmarks/bench_model.py --models minilm,bert-base \
+        --sparsities 0.9 --shapes 1x128,8x128
+else
+    skip benchmarks "no GPU (the CPU benchmarks run on their own: README, Benchmarks)"
+fi
+
+# 4. summary of the SPEC §6 GPU rows, and what comes back
+DEVICE_DIR=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import _common as C; \
+print(C.device_kind('cuda' if $HAS_GPU else 'cpu'))")
+if [ "$HAS_GPU" = 1 ]; then
+    "$PY" scripts/gpu_summary.py "benchmarks/results/$DEVICE_DIR" 2>&1 | tee -a "$SUMMARY"
+else
+    note "SPEC §6 GPU rows: not measured (no GPU)"
+fi
+cp "$SUMMARY" "$LOGS/"
+tar -czf "$OUT_DIR/results.tar.gz" -C . "benchmarks/results/$DEVICE_DIR" -C "$LOGS" . 2> /dev/null \
+    || tar -czf "$OUT_DIR/results.tar.gz" -C "$LOGS" .
+find "benchmarks/results/$DEVICE_DIR" -maxdepth 1 -name '*.png' | head -5 | xargs -r cp -t "$OUT_DIR"
+grep -q '^FAIL' "$SUMMARY" && exit 1
+exit 0
