@@ -206,7 +206,7 @@ def _bsr_linear_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, SPLIT: tl.const
 def _tiled_configs():
     """(BLOCK_M tokens, U blocks per step, warps, stages)."""
     shapes = [(32, 4, 4, 3), (64, 1, 4, 4), (64, 2, 4, 3), (64, 4, 4, 3), (64, 4, 4, 4), (128, 1, 4, 4),
-              (128, 2, 4, 3), (128, 2, 8, 3), (128, 4, 8, 3)]
+              (128, 2, 4, 3), (128, 2, 8, 3), (128, 4, 8, 3), (32, 1, 8, 3), (32, 2, 8, 3), (64, 1, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "U": u}, num_warps=w, num_stages=s) for bm, u, w, s in shapes]
 
 
@@ -220,10 +220,27 @@ def _skinny_configs():
             for sub, u, w, s, dot in shapes]
 
 
-def _tiled_fits(config: triton.Config, m_bucket: int, br_p: int, bc_p: int, itemsize: int) -> bool:
+def _tiled_tile_registers(config: triton.Config, br_p: int, bc_p: int, itemsize: int) -> float:
+    """32-bit registers per thread that the tiles of one step hold: the fp32 accumulator
+    [BLOCK_M, BR_P] and the x and W operand tiles of depth U·BC_P."""
     bm, depth = config.kwargs["BLOCK_M"], config.kwargs["U"] * bc_p
-    threads = 32 * config.num_warps
-    return (bm <= max(64, m_bucket) and depth <= 256 and bm * br_p <= 128 * threads
+    return (bm * br_p + (bm + br_p) * depth * itemsize / 4) / (32 * config.num_warps)
+
+
+def max_tile_registers(arch: int) -> int:
+    """Tile registers per thread a tiled configuration may hold on compute capability `arch` (e.g. 90):
+    in scripts/check_triton.py ptxas spilled above 96 on sm_90 and above 40 on sm_80 (Hopper's
+    wgmma keeps the accumulator out of the operand registers), never at or below, for 16, 32 and 64
+    blocks in fp32 and bf16."""
+    return 96 if arch >= 90 else 40
+
+
+def _tiled_fits(config: triton.Config, m_bucket: int, br_p: int, bc_p: int, itemsize: int, arch: int) -> bool:
+    """Whether the autotuner may try `config`: tokens to fill BLOCK_M, pipelined tiles within shared
+    memory, and no more tile registers than max_tile_registers(arch)."""
+    bm, depth = config.kwargs["BLOCK_M"], config.kwargs["U"] * bc_p
+    return (bm <= max(64, m_bucket) and depth <= 256
+            and _tiled_tile_registers(config, br_p, bc_p, itemsize) <= max_tile_registers(arch)
             and config.num_stages * (bm + br_p) * depth * itemsize <= _SMEM_BYTES)
 
 
@@ -235,9 +252,12 @@ def _skinny_fits(config: triton.Config, mb: int, br: int, bc_p: int) -> bool:
 
 
 def _prune_tiled(configs, named_args, **kwargs):
-    itemsize = named_args["x_ptr"].element_size()
-    kept = [c for c in configs if _tiled_fits(c, named_args["m_bucket"], kwargs["BR_P"], kwargs["BC_P"], itemsize)]
-    return kept or configs[:1]
+    x = named_args["x_ptr"]
+    itemsize = x.element_size()
+    major, minor = torch.cuda.get_device_capability(x.device)
+    kept = [c for c in configs
+            if _tiled_fits(c, named_args["m_bucket"], kwargs["BR_P"], kwargs["BC_P"], itemsize, 10 * major + minor)]
+    return kept or [min(configs, key=lambda c: _tiled_tile_registers(c, kwargs["BR_P"], kwargs["BC_P"], itemsize))]
 
 
 def _prune_skinny(configs, named_args, **kwargs):

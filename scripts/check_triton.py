@@ -6,8 +6,8 @@ Triton 3.6.0, the GPU image's).
 
 What it compiles (triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))), with the
 launchers' own constants:
-  * bsr_linear tiled path: every configuration its autotuner keeps (`_prune_tiled` rules at the
-    largest token bucket, which keeps the most) for 16×16, 32×32 and 64×64 blocks, fp32 and bf16;
+  * bsr_linear tiled path: every configuration its autotuner keeps on each target (`_tiled_fits` at
+    the largest token bucket, which keeps the most) for 16×16, 32×32 and 64×64 blocks, fp32 and bf16;
   * bsr_linear skinny path (≤ 16 tokens): every configuration it keeps for those blocks and dtypes,
     at 16 tokens (1 token too for multiply-add configurations), SPLIT 2 (SPLIT only changes the
     final store: SPLIT 1 is compiled for the first configuration of each block);
@@ -55,9 +55,10 @@ class Case:
     """One kernel specialisation: argument types, constexprs and launch options."""
 
     def __init__(self, kernel: str, fn, types: dict, constexprs: dict, label: str, num_warps=4, num_stages=3,
-                 tunable=False, fp_fusion=True):
+                 tunable=False, fp_fusion=True, archs=ARCHS):
         self.kernel, self.fn, self.types, self.constexprs, self.label = kernel, fn, types, constexprs, label
         self.num_warps, self.num_stages, self.tunable, self.fp_fusion = num_warps, num_stages, tunable, fp_fusion
+        self.archs = archs
 
     def signature(self) -> dict:
         return {a: "constexpr" if a in self.constexprs else self.types[a] for a in self.fn.arg_names}
@@ -76,14 +77,16 @@ def bsr_cases(quick: bool) -> list[Case]:
             common = {"BR": b, "BC": b, "BC_P": bp, "HAS_BIAS": True,
                       "PRECISION": "ieee" if dt == "fp32" else "tf32", "UPCAST": False}
             for c in bsr_linear._tiled_configs():
-                if not bsr_linear._tiled_fits(c, 4096, bp, bp, TYPES[dt]):
+                archs = tuple(a for a in ARCHS if bsr_linear._tiled_fits(c, 4096, bp, bp, TYPES[dt], a))
+                if not archs:
                     continue
                 ce = {**common, "BR_P": bp, **c.kwargs}
                 types = _bsr_types(dt, {"y_ptr": f"*{dt}", "stride_ym": "i32", "num_block_rows": "i32",
                                         "m_bucket": "i32"})
                 cases.append(Case("_bsr_linear_kernel", bsr_linear._bsr_linear_kernel, types, ce,
                                   f"{dt} {b}x{b} BLOCK_M={c.kwargs['BLOCK_M']} U={c.kwargs['U']} "
-                                  f"w{c.num_warps} s{c.num_stages}", c.num_warps, c.num_stages, tunable=True))
+                                  f"w{c.num_warps} s{c.num_stages}", c.num_warps, c.num_stages, tunable=True,
+                                  archs=archs))
             first = True
             for c in bsr_linear._skinny_configs():
                 for mb in ((16,) if c.kwargs["USE_DOT"] else (16, 1)):
@@ -253,15 +256,15 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
     cases = bsr_cases(args.quick) + prune_cases(args.quick)
-    work = [(c, arch) for c in cases for arch in ARCHS]
-    print(f"Triton {triton.__version__}: compiling {len(work)} kernel specialisations ({len(cases)} cases × "
-          f"{len(ARCHS)} targets), {args.jobs} jobs", flush=True)
+    work = [(i, c, arch) for i, c in enumerate(cases) for arch in c.archs]
+    print(f"Triton {triton.__version__}: compiling {len(work)} kernel specialisations ({len(cases)} cases, "
+          f"targets {['sm_%d' % a for a in ARCHS]}), {args.jobs} jobs", flush=True)
     started = time.perf_counter()
     if args.jobs > 1:
         with cf.ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(_compile_indexed, [(i, arch, args.quick) for i, (_, arch) in enumerate(work)]))
+            rows = list(pool.map(_compile_indexed, [(i, arch, args.quick) for i, _, arch in work]))
     else:
-        rows = [compile_one(c, arch) for c, arch in work]
+        rows = [compile_one(c, arch) for _, c, arch in work]
     bad = [(r, failures(r)) for r in rows if failures(r)]
     os.makedirs(args.out, exist_ok=True)
     name = os.path.join(args.out, f"triton_{triton.__version__}" + ("_quick" if args.quick else ""))
@@ -281,8 +284,7 @@ def main() -> int:
 def _compile_indexed(item):
     """Worker entry: rebuild the case list (functions do not pickle) and compile case i."""
     i, arch, quick = item
-    cases = bsr_cases(quick) + prune_cases(quick)
-    return compile_one(cases[i // len(ARCHS)], arch)
+    return compile_one((bsr_cases(quick) + prune_cases(quick))[i], arch)
 
 
 if __name__ == "__main__":
