@@ -45,8 +45,9 @@ def sparse_linear_lines(rs: list[dict]) -> list[str]:
             target = 2.0
         peer = by_point.get((r["shape"], tokens, r["dtype"]), {}).get("torch_" + fmt)
         vs_peer = f"; vs torch.sparse {peer['time_ms'] / r['time_ms']:.2f}x" if peer else ""
-        lines.append(f"{fmt} 90% {r['dtype']} {r['shape']} {tokens} tok vs dense: {verdict(r['speedup_vs_dense'], target)}"
-                     f"{vs_peer}{'' if r.get('check') == 'ok' else ' CHECK ' + str(r.get('check'))}")
+        check = "" if r.get("check") == "ok" else f" CHECK {r.get('check')}"
+        lines.append(f"{fmt} 90% {r['dtype']} {r['shape']} {tokens} tok vs dense: "
+                     f"{verdict(r['speedup_vs_dense'], target)}{vs_peer}{check}")
     for r in sorted((r for r in rs if r.get("format") == "2:4" and r.get("speedup_vs_dense")),
                     key=lambda r: (r["shape"], r["tokens"])):
         if r["tokens"] >= 128:
@@ -59,7 +60,8 @@ def main() -> int:
     folder = sys.argv[1]
     lines = sparse_linear_lines(rows(folder, "sparse_linear.json"))
     prune = rows(folder, "fused_prune_step*.json")
-    compiled = {(r["method"], r["dtype"]): r["time_ms"] for r in prune if r.get("variant") == "compile" and r.get("time_ms")}
+    compiled = {(r["method"], r["dtype"]): r["time_ms"] for r in prune
+                if r.get("variant") == "compile" and r.get("time_ms")}
     for r in prune:
         if r.get("variant") == "sparse_ops" and r.get("speedup_vs_eager"):
             lines.append(f"fused prune step {r['method']} {r['dtype']} vs eager: {verdict(r['speedup_vs_eager'], 3.0)}")

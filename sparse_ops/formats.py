@@ -117,4 +117,3 @@ def check_two_four(crow: torch.Tensor, col: torch.Tensor, num_cols: int, name: s
         r, g = divmod(first, groups)
         raise ValueError(f"{name} is not 2:4: row {r}, columns {4 * g}…{4 * g + 3} hold {int(per_group[first])} "
                          "non-zeros (at most 2 of every 4 consecutive entries along in_features)")
-

@@ -38,7 +38,7 @@ from . import formats, reference
 from ._extension import has_cuda_kernel
 
 FORMATS = ("bsr", "csr", "2:4", "dense")
-AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; 2:4 joins where semi_structured()
+AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; auto_formats adds 2:4 on CUDA
 _ROW_COMPRESSED = ("csr", "2:4")  # stored as CSR (2:4 also as torch's semi-structured tensor on CUDA)
 _SEMI_DTYPES = (torch.float16, torch.bfloat16)
 _INDEX_BUFFERS = ("crow_indices", "col_indices")
@@ -251,8 +251,9 @@ FORMAT_CACHE = FormatCache()
 def choose_format(weight: torch.Tensor, bias: torch.Tensor | None = None, block_size=(32, 32), tokens: int = 128, *,
                   timer: Timer | None = None, cache: FormatCache | None = FORMAT_CACHE) -> FormatChoice:
     """The fastest of dense, csr, bsr(block_size) and, where auto_formats offers it, 2:4 for this weight
-    at `tokens` tokens, on its device and in its dtype; dense whenever dense is at least as fast. A decision found in `cache` (key:
-    format_cache_key) is returned without timing; cache=None times every call and stores nothing."""
+    at `tokens` tokens, on its device and in its dtype; dense whenever dense is at least as fast. A
+    decision found in `cache` (key: format_cache_key) is returned without timing; cache=None times
+    every call and stores nothing."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in _DTYPES:
         raise ValueError(f"weight must be a 2-D floating tensor, got {getattr(weight, 'dtype', type(weight))}")
     block_size = formats.check_block_size(block_size)
