@@ -346,8 +346,9 @@ def main() -> None:
         rows = [r for r in rows if key(r) != key(row)] + [row]
         print(f"    test {row['accuracy_test']:.4f}  dev {row['accuracy_dev']:.4f}  sparsity {row['sparsity']:.2%}  "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-        write(rows, plan, args, env, name)  # after every run: an interrupted sweep keeps what it measured
-    table = write(rows, plan, args, env, name)
+        table = write(rows, plan, args, env, name)  # after every run: an interrupted sweep keeps what it measured
+    if not todo:  # nothing ran: refresh the table from the rows already there
+        table = write(rows, plan, args, env, name)
     if table is None:
         print("nothing to summarise")
         return

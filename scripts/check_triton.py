@@ -36,6 +36,7 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; the launchers pass it
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -69,7 +70,7 @@ def _bsr_types(dt: str, extra: dict) -> dict:
             "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", **extra}
 
 
-def bsr_cases(quick: bool) -> list[Case]:
+def bsr_cases() -> list[Case]:
     cases = []
     for dt in ("fp32", "bf16"):
         for b in BLOCKS:
@@ -105,11 +106,6 @@ def bsr_cases(quick: bool) -> list[Case]:
         cases.append(Case("_bsr_linear_reduce_kernel", bsr_linear._bsr_linear_reduce_kernel,
                           {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "numel": "i32", "N": "i32"},
                           {"SPLIT": split, "HAS_BIAS": True, "BLOCK": bsr_linear.REDUCE_BLOCK}, f"bf16 SPLIT={split}"))
-    if quick:
-        by_kernel = {}
-        for c in cases:
-            by_kernel.setdefault(c.kernel, c)
-        cases = list(by_kernel.values())
     return cases
 
 
@@ -128,7 +124,7 @@ METHOD_FLAGS = {  # what the pruner passes per method (sparse_ops/pruning/*.py)
 }
 
 
-def prune_cases(quick: bool) -> list[Case]:
+def prune_cases() -> list[Case]:
     fps = fused_prune_step
     scalars = ["prior_scale", "c1", "c2", "inv0", "inv1", "score_lr", "sigmoid_l1", "one_minus_beta1", "beta2",
                "one_minus_beta2", "neg_step_size", "bias2_sqrt", "eps"]
@@ -141,7 +137,7 @@ def prune_cases(quick: bool) -> list[Case]:
             floats = {s: "fp32" for s in scalars + ["threshold"]}
             key_bits = 32 if sdt == "fp32" else 16
             key_type = {"KEY_BITS": key_bits, "INF_BITS": kthvalue.INF_BITS[
-                {"fp32": kthvalue.torch.float32, "bf16": kthvalue.torch.bfloat16}[sdt]]}
+                {"fp32": torch.float32, "bf16": torch.bfloat16}[sdt]]}
             strict = {"STRICT": flags["STRICT"]}
             rest = {k: v for k, v in flags.items() if k != "STRICT"}
             cases.append(Case("_fused_prune_step_kernel", fps._fused_prune_step_kernel,
@@ -171,11 +167,17 @@ def prune_cases(quick: bool) -> list[Case]:
                           {"w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i64", "c1": "fp32", "c2": "fp32",
                            "inv0": "fp32", "inv1": "fp32", "scale": "fp32"},
                           {"BLOCK": mgp_prior_grad.BLOCK}, dt, fp_fusion=False))
+    return cases
+
+
+def all_cases(quick: bool) -> list[Case]:
+    """Every case, in a fixed order (workers rebuild the list and pick by index); quick: the first per kernel."""
+    cases = bsr_cases() + prune_cases()
     if quick:
-        by_kernel = {}
+        first: dict[str, Case] = {}
         for c in cases:
-            by_kernel.setdefault(c.kernel, c)
-        cases = list(by_kernel.values())
+            first.setdefault(c.kernel, c)
+        cases = list(first.values())
     return cases
 
 
@@ -255,7 +257,7 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "triton_compile"))
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
-    cases = bsr_cases(args.quick) + prune_cases(args.quick)
+    cases = all_cases(args.quick)
     work = [(i, c, arch) for i, c in enumerate(cases) for arch in c.archs]
     print(f"Triton {triton.__version__}: compiling {len(work)} kernel specialisations ({len(cases)} cases, "
           f"targets {['sm_%d' % a for a in ARCHS]}), {args.jobs} jobs", flush=True)
@@ -284,7 +286,7 @@ def main() -> int:
 def _compile_indexed(item):
     """Worker entry: rebuild the case list (functions do not pickle) and compile case i."""
     i, arch, quick = item
-    return compile_one((bsr_cases(quick) + prune_cases(quick))[i], arch)
+    return compile_one(all_cases(quick)[i], arch)
 
 
 if __name__ == "__main__":
