@@ -9,9 +9,12 @@ element (exported as CSR) or in 32×32 blocks by block L2 norm (exported as BSR)
 Timing: model(input_ids, attention_mask) under torch.inference_mode, batch × sequence tokens, median
 (p20/p80) over --repeats calls, dense and exported side by side in one run. check: the exported
 model's last hidden state matches the pruned dense model's (max abs error, relative to its scale).
+--peers: also ONNX Runtime and DeepSparse on the same pruned checkpoint and inputs, checked the same
+way, beside torch dense and the exported model in every row (benchmarks/_peers.py; install them with
+scripts/setup_peers.sh; a peer that is missing or fails to run is reported as skipped, with the reason).
 
 Output: benchmarks/results/<device>/model.{json,csv,png}; the PNG shows speedup vs sparsity per
-model, granularity and batch × sequence.
+model, granularity and batch × sequence (with --peers, and a latency panel of every runtime).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import re
 
 import _common as C
+import _peers
 import torch
 
 import sparse_ops
@@ -30,7 +34,7 @@ from sparse_ops.reference import block_keys_ref, expand_block_mask
 
 FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format", "dense_ms", "dense_p20_ms",
           "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "formats_chosen", "check",
-          "device", "versions", "commit", "date")
+          *_peers.FIELDS, "device", "versions", "commit", "date")
 DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
             "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
 CPU_BERT_MAX_TOKENS = 1024  # BERT-base at 32×128 takes seconds per call on a 2-core CPU
@@ -88,7 +92,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     if not models:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    peer_rows = [r for r in rows if r.get("ort_ms") or r.get("deepsparse_ms")]
+    panels = len(models) + bool(peer_rows)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    if peer_rows:
+        _peers.plot_latencies(axes.flat[-1], peer_rows)
     for ax, model in zip(axes.flat, models):
         series = list(dict.fromkeys((r["granularity"], r["format"], r["batch"], r["seq"])
                                     for r in rows if r["model"] == model))
@@ -118,6 +126,8 @@ def main() -> None:
     p.add_argument("--format", default=None,
                    help="export format: auto, or csr/bsr (default: csr for element, bsr for block)")
     p.add_argument("--block", type=int, default=32)
+    p.add_argument("--peers", action="store_true",
+                   help="also time ONNX Runtime and DeepSparse on the same pruned model (scripts/setup_peers.sh)")
     args = C.resolve_args(p.parse_args())
     d = DEFAULTS[args.device]
     if args.quick:
@@ -161,7 +171,11 @@ def main() -> None:
                     print(f"{name:9} {gran:7} s={sparsity:.2f} {batch}x{seq:<4} {fmt:4} dense {td.median_ms:9.2f} ms"
                           f"  exported {ts.median_ms:9.2f} ms  speedup {row['speedup']:.2f}x  [{row['check']}]",
                           flush=True)
+                    if args.peers:
+                        row.update(_peers.run_peers(dense, inputs, ref, tol, ts.median_ms, args))
+                        print(_peers.describe(row), flush=True)
     notes = C.busy_note() + [f"dtype {dtype}; attention, embeddings, LayerNorm and GELU stay dense in every row"]
+    notes += _peers.notes() if args.peers else []
     base_path = C.write_rows(rows, args.out, "model" + ("_quick" if args.quick else ""), meta=C.run_meta(env, args),
                              notes=notes, fields=FIELDS)
     plot(rows, base_path + ".png", f"encoder speedup, exported vs dense, {dtype}, {env['device']}")

@@ -1,0 +1,226 @@
+"""What a CPU user would run instead of sparse_ops, on the same pruned checkpoint: ONNX Runtime (dense)
+and DeepSparse (sparsity-aware), for `bench_model.py --peers`.
+
+Per pruned model and batch × seq, the pruned dense torch model is exported once with the TorchScript
+exporter (`torch.onnx.export(..., dynamo=False)`, opset 17) to an ONNX file with static input shapes
+(DeepSparse needs them; ONNX Runtime gets the same file) whose outputs are those of the torch model
+(last_hidden_state, pooler_output), so every runtime does the same work. The zeros of the pruned
+weights are in the file as plain zeros: DeepSparse finds and exploits them, ONNX Runtime does not.
+
+- ONNX Runtime: CPUExecutionProvider, GraphOptimizationLevel.ORT_ENABLE_ALL, intra-op threads =
+  torch.get_num_threads(), timed in this process with _common.time_fn.
+- DeepSparse 1.8.0 (needs Python <= 3.11 and numpy < 2): in its own virtual environment
+  (SPARSE_OPS_DEEPSPARSE_VENV, default ~/.cache/sparse_ops/deepsparse-venv, made by
+  scripts/setup_peers.sh), driven through benchmarks/_deepsparse_worker.py as a subprocess with
+  NM_DISABLE_ANALYTICS=1 and num_cores = torch.get_num_threads().
+
+Each peer's last_hidden_state is checked against torch dense's with bench_model's rule before it is
+timed (same warmup and repeats as the torch timings). Each peer returns {status, ms, p20, p80, check,
+reason, version}: status "ok" (timed), "FAIL" (output mismatch, not timed) or "skipped" (cannot be
+installed, imported or run: reason says why). A peer never fails the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+
+import _common as C
+import numpy as np
+import torch
+from _deepsparse_worker import check_output
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_deepsparse_worker.py")
+DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "sparse_ops", "deepsparse-venv")
+DEEPSPARSE_TIMEOUT_S = 1800  # compiling BERT-base takes a while on 2 cores
+OPSET = 17
+PEERS = ("ort", "deepsparse")
+LABELS = {"ort": "ONNX Runtime", "deepsparse": "DeepSparse"}
+# row columns; vs_<peer> = peer ms / sparse_ops exported ms (above 1: sparse_ops is faster)
+# <peer>_status: "ok", "FAIL" or "skipped", with the peer's version and the reason it was not timed
+FIELDS = tuple(f"{p}_{k}" for p in PEERS for k in ("ms", "p20_ms", "p80_ms", "check", "status")) + (
+    "vs_ort", "vs_deepsparse")
+SETUP_HINT = "run scripts/setup_peers.sh"
+
+
+def result(status: str = "skipped", *, reason: str = "", check: str = "", version: str = "",
+           ms=None, p20=None, p80=None) -> dict:
+    return {"status": status, "ms": ms, "p20": p20, "p80": p80, "check": check, "reason": reason,
+            "version": version}
+
+
+def _error(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+class _Outputs(torch.nn.Module):
+    """model(input_ids, attention_mask) as the tuple of its outputs (what the ONNX graph returns)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).to_tuple()
+
+
+def export_onnx(model, inputs: dict, path: str) -> None:
+    """Export `model` (in eval mode) for exactly the shapes of `inputs` (no dynamic axes)."""
+    names = ["input_ids", "attention_mask"]
+    with torch.no_grad():
+        n_out = len(_Outputs(model).eval()(*(inputs[n] for n in names)))
+    outputs = ["last_hidden_state", "pooler_output"][:n_out] + [f"output_{i}" for i in range(2, n_out)]
+    was_training = model.training
+    # the wrapper must be in eval mode: export restores the wrapper's mode on every submodule afterwards
+    wrapper = _Outputs(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(wrapper, tuple(inputs[n] for n in names), path, input_names=names,
+                          output_names=outputs, opset_version=OPSET, dynamo=False)
+    model.train(was_training)
+
+
+def _numpy_inputs(inputs: dict) -> dict:
+    return {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+
+
+def run_ort(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float, *, warmup: int, repeats: int,
+            threads: int) -> dict:
+    """Check, then time, ONNX Runtime on `onnx_path`."""
+    try:
+        import onnxruntime as ort
+    except Exception as e:  # noqa: BLE001  (any import failure is a reason to skip)
+        return result(reason=f"cannot import onnxruntime ({_error(e)}): pip install -e '.[peers]' or {SETUP_HINT}")
+    version = f"onnxruntime {ort.__version__}"
+    try:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+        arrays = _numpy_inputs(inputs)
+        feeds = {i.name: arrays[i.name] for i in session.get_inputs()}
+        out = session.run(None, feeds)[0]
+    except Exception as e:  # noqa: BLE001
+        return result(reason=f"onnxruntime could not run the model: {_error(e)}", version=version)
+    passed, check = check_output(out, ref.float().cpu().numpy(), tol)
+    if not passed:
+        return result("FAIL", check=check, version=version)
+    t = C.time_fn(lambda: session.run(None, feeds), "cpu", warmup=warmup, repeats=repeats)
+    return result("ok", check=check, version=version, ms=t.median_ms, p20=t.p20_ms, p80=t.p80_ms)
+
+
+def deepsparse_python(venv: str | None = None) -> str:
+    venv = venv or os.environ.get("SPARSE_OPS_DEEPSPARSE_VENV") or DEFAULT_VENV
+    return os.path.join(venv, "bin", "python")
+
+
+def run_deepsparse(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float, *, warmup: int, repeats: int,
+                   threads: int, venv: str | None = None, timeout_s: float = DEEPSPARSE_TIMEOUT_S) -> dict:
+    """Check, then time, DeepSparse on `onnx_path` in its own environment (see _deepsparse_worker.py)."""
+    python = deepsparse_python(venv)
+    if not os.path.exists(python):
+        return result(reason=f"no DeepSparse environment at {os.path.dirname(os.path.dirname(python))}: "
+                             f"{SETUP_HINT}")
+    with tempfile.TemporaryDirectory(prefix="sparse_ops_deepsparse_") as tmp:
+        npz = os.path.join(tmp, "inputs.npz")
+        np.savez(npz, ref=ref.float().cpu().numpy(), **_numpy_inputs(inputs))
+        cmd = [python, WORKER, "--onnx", onnx_path, "--inputs", npz, "--tol", repr(tol), "--warmup", str(warmup),
+               "--repeats", str(repeats), "--num-cores", str(threads)]
+        env = {**os.environ, "NM_DISABLE_ANALYTICS": "1"}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=timeout_s,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            return result(reason=f"the DeepSparse worker ran past {timeout_s:.0f} s")
+        except OSError as e:
+            return result(reason=f"cannot start {python}: {_error(e)}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    try:
+        return {**result(), **json.loads(lines[-1])}
+    except (IndexError, json.JSONDecodeError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return result(reason=f"the DeepSparse worker exited {proc.returncode} without a result: {tail[:300]}")
+
+
+def run_peers(model, inputs: dict, ref: torch.Tensor, tol: float, sparse_ms: float, args) -> dict:
+    """Both peers on `model` (the pruned dense torch model) at the shapes of `inputs`: the row's FIELDS."""
+    threads = torch.get_num_threads()
+    if args.device != "cpu" or ref.dtype != torch.float32 or next(model.parameters()).dtype != torch.float32:
+        skipped = result(reason="the peers are CPU float32 runtimes (run with --device cpu --dtype float32)")
+        peers = {p: skipped for p in PEERS}
+    else:
+        with tempfile.TemporaryDirectory(prefix="sparse_ops_peers_") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            try:
+                export_onnx(model, inputs, path)
+            except Exception as e:  # noqa: BLE001
+                failed = result(reason=f"torch.onnx.export(dynamo=False) failed: {_error(e)}")
+                peers = {p: failed for p in PEERS}
+            else:
+                kw = {"warmup": args.warmup, "repeats": args.repeats, "threads": threads}
+                peers = {"ort": run_ort(path, inputs, ref, tol, **kw),
+                         "deepsparse": run_deepsparse(path, inputs, ref, tol, **kw)}
+    return row_fields(peers, sparse_ms)
+
+
+def notes() -> list[str]:
+    note = (f"peers: ONNX Runtime (dense, ORT_ENABLE_ALL) and DeepSparse (sparse) on the pruned dense model exported "
+            f"to ONNX per batch x seq (static shapes, torch.onnx.export dynamo=False, opset {OPSET}), "
+            f"torch.get_num_threads() = {torch.get_num_threads()} threads each, checked against torch dense before timing; "
+            "vs_<peer> = peer ms / exported ms (above 1: sparse_ops is faster)")
+    return [note]
+
+
+def row_fields(peers: dict, sparse_ms: float) -> dict:
+    row = {}
+    for name, r in peers.items():
+        status = r["status"] + (f" ({r['version']})" if r["version"] else "")
+        status += f": {r['reason']}" if r["reason"] else ""
+        row.update({f"{name}_ms": r["ms"], f"{name}_p20_ms": r["p20"], f"{name}_p80_ms": r["p80"],
+                    f"{name}_check": r["check"], f"{name}_status": status,
+                    f"vs_{name}": r["ms"] / sparse_ms if r["ms"] and sparse_ms else None})
+    return row
+
+
+def describe(row: dict) -> str:
+    """One printed line per peer: its time and vs_<peer> (its time / the exported model's), or why it was not
+    timed."""
+    lines = []
+    for name in PEERS:
+        if row[f"{name}_ms"]:
+            lines.append(f"    {LABELS[name]:12} {row[f'{name}_ms']:9.2f} ms  vs_{name} {row[f'vs_{name}']:.2f}x  "
+                         f"[{row[f'{name}_check']}]  {row[f'{name}_status']}")
+        else:
+            check = f" [{row[f'{name}_check']}]" if row[f"{name}_check"] else ""
+            lines.append(f"    {LABELS[name]:12} not timed{check}: {row[f'{name}_status']}")
+    return "\n".join(lines)
+
+
+def plot_latencies(ax, rows: list[dict]) -> None:
+    """Grouped bars on `ax`: torch dense, ONNX Runtime, DeepSparse and sparse_ops exported per row
+    (model, granularity, sparsity, batch × seq); median with p20–p80 error bars, log scale."""
+    series = [("torch dense", "dense"), (LABELS["ort"], "ort"), (LABELS["deepsparse"], "deepsparse"),
+              ("sparse_ops exported", "sparse")]
+    width = 0.8 / len(series)
+    for si, (label, key) in enumerate(series):
+        for gi, r in enumerate(rows):
+            ms = r.get(f"{key}_ms")
+            if not ms:
+                continue
+            err = [[ms - r[f"{key}_p20_ms"]], [r[f"{key}_p80_ms"] - ms]]
+            ax.bar(gi + (si - (len(series) - 1) / 2) * width, ms, width, yerr=err, color=f"C{si}",
+                   label=label if label not in ax.get_legend_handles_labels()[1] else None)
+    ticks = [f"{r['model']}\n{r['granularity']} s={r['sparsity']:.2f}\n{r['batch']}×{r['seq']}" for r in rows]
+    ax.set_xticks(range(len(rows)), ticks, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("time per call, ms (median, p20–p80)")
+    ax.set_title("peers on the same pruned checkpoint", fontsize=9)
+    ax.legend(fontsize=7)
+
+

@@ -1,0 +1,99 @@
+"""bench_model.py --peers (benchmarks/_peers.py) on a tiny random BERT: the static-shape ONNX export,
+ONNX Runtime's check (a match is timed, a mismatch is FAIL and not timed), and a DeepSparse without
+its environment reported as skipped with a reason instead of raising."""
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+from _tiny import one_thread  # noqa: F401  (autouse fixture)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import _peers
+
+TOL = 1e-4  # bench_model's float32 tolerance
+ARGS = types.SimpleNamespace(device="cpu", warmup=1, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    model = BertModel(config).eval()
+    with torch.no_grad():  # a pruned checkpoint: half of each linear's weights are zeros
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(torch.rand_like(m.weight) > 0.5)
+    ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.inference_mode():
+        ref = model(**inputs).last_hidden_state.float()
+    return model, inputs, ref
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tiny, tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[peers]')")
+    model, inputs, _ = tiny
+    path = str(tmp_path_factory.mktemp("peers") / "tiny.onnx")
+    _peers.export_onnx(model, inputs, path)
+    assert not model.training  # the export must not leave the model in training mode (dropout on)
+    return path
+
+
+def test_onnx_export_has_static_shapes_and_torch_outputs(tiny, onnx_file):
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[peers]')")
+    graph = onnx.load(onnx_file).graph
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims == {"input_ids": [2, 16], "attention_mask": [2, 16]}  # no dynamic axes (DeepSparse needs that)
+    assert [o.name for o in graph.output] == ["last_hidden_state", "pooler_output"]
+
+
+def test_ort_matches_torch_dense_and_is_timed(tiny, onnx_file):
+    _, inputs, ref = tiny
+    r = _peers.run_ort(onnx_file, inputs, ref, TOL, warmup=1, repeats=2, threads=1)
+    assert r["status"] == "ok" and r["check"].startswith("ok max err"), r
+    assert 0 < r["p20"] <= r["ms"] <= r["p80"]
+    assert r["version"].startswith("onnxruntime ")
+
+
+def test_ort_mismatch_is_fail_and_not_timed(tiny, onnx_file):
+    _, inputs, ref = tiny
+    r = _peers.run_ort(onnx_file, inputs, ref + 1.0, TOL, warmup=1, repeats=2, threads=1)
+    assert r["status"] == "FAIL" and r["check"].startswith("FAIL max err") and r["ms"] is None, r
+
+
+def test_missing_deepsparse_env_is_skipped_with_a_reason(tiny, tmp_path, monkeypatch):
+    _, inputs, ref = tiny
+    monkeypatch.setenv("SPARSE_OPS_DEEPSPARSE_VENV", str(tmp_path / "no-such-venv"))
+    r = _peers.run_deepsparse(str(tmp_path / "unused.onnx"), inputs, ref, TOL, warmup=1, repeats=2, threads=1)
+    assert r["status"] == "skipped" and r["ms"] is None
+    assert "no-such-venv" in r["reason"] and "setup_peers.sh" in r["reason"]
+
+
+def test_run_peers_fills_the_row_and_never_raises(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[peers]')")
+    model, inputs, ref = tiny
+    monkeypatch.setenv("SPARSE_OPS_DEEPSPARSE_VENV", str(tmp_path / "no-such-venv"))
+    row = _peers.run_peers(model, inputs, ref, TOL, 1.0, ARGS)
+    assert set(row) == set(_peers.FIELDS)
+    assert row["ort_status"].startswith("ok (onnxruntime ") and row["vs_ort"] == row["ort_ms"] > 0
+    assert row["deepsparse_status"].startswith("skipped: no DeepSparse environment")
+    assert row["deepsparse_ms"] is None and row["vs_deepsparse"] is None
+    printed = _peers.describe(row)
+    assert "ONNX Runtime" in printed and "DeepSparse   not timed: skipped" in printed
+
+
+def test_deepsparse_matches_torch_dense_where_installed(tiny, onnx_file):
+    if not os.path.exists(_peers.deepsparse_python()):
+        pytest.skip("no DeepSparse environment (scripts/setup_peers.sh)")
+    _, inputs, ref = tiny
+    r = _peers.run_deepsparse(onnx_file, inputs, ref, TOL, warmup=1, repeats=2, threads=1)
+    assert r["status"] in ("ok", "skipped"), r  # skipped: e.g. a CPU DeepSparse does not support
+    if r["status"] == "ok":
+        assert r["check"].startswith("ok max err") and r["ms"] > 0
