@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats, reference
-from ._extension import has_cuda_kernel
+from ._extension import has_cpu_kernel, has_cuda_kernel
+from .ops import ACTIVATIONS
 
 FORMATS = ("bsr", "csr", "2:4", "dense")
 AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; auto_formats adds 2:4 on CUDA
@@ -44,6 +45,7 @@ _SEMI_DTYPES = (torch.float16, torch.bfloat16)
 _INDEX_BUFFERS = ("crow_indices", "col_indices")
 _COMPRESSED = ("crow_indices", "col_indices", "values")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NARROW_INDEX_LIMIT = 1 << 16  # uint16 column indices address in_features <= 65,536
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -285,11 +287,14 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, format: str, block_size=(32, 32), bias: bool = True,
-                 dtype: torch.dtype | None = None, device=None):
+                 dtype: torch.dtype | None = None, device=None, activation: str = "none"):
         super().__init__()
         self.in_features = _check_positive_int("in_features", in_features)
         self.out_features = _check_positive_int("out_features", out_features)
         self.format = _check_format(format)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
         br, bc = formats.check_block_size(block_size)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
@@ -308,16 +313,26 @@ class SparseLinear(nn.Module):
             shape = (0,) if row_compressed else (0, br, bc)
             self.register_buffer("values", torch.zeros(shape, **kw))
         self.register_buffer("bias", torch.zeros(out_features, **kw) if bias else None)
-        self._semi = None  # 2:4 on CUDA: torch's semi-structured weight (derived from the CSR buffers)
+        self._build_derived()
+
+    def __getstate__(self):
+        # what the forward derives from the buffers is rebuilt, not copied (deepcopy, pickle)
+        return {**self.__dict__, "_semi": None, "_fast": None, "_validated": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._build_derived()
 
     # ------------------------------------------------------------------------------------------
     # construction and conversion
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "auto", block_size=(32, 32), tokens: int = 128, *,
-                   timer: Timer | None = None, cache: FormatCache | None = FORMAT_CACHE) -> SparseLinear:
+                   timer: Timer | None = None, cache: FormatCache | None = FORMAT_CACHE,
+                   activation: str = "none") -> SparseLinear:
         """A SparseLinear computing F.linear(x, linear.weight, linear.bias), in the weight's dtype and
         on its device; zeros of the weight are not stored (bsr stores every block holding a non-zero).
+        activation="gelu" computes F.gelu of that (exact erf GELU), fused into the CPU kernels' write-back.
 
         format="auto" picks the fastest of dense, csr and bsr (block_size) at `tokens` tokens with
         choose_format (timer: time_forward unless given; a decision found in `cache`, for the same device,
@@ -332,13 +347,14 @@ class SparseLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         if format == "auto":
             format = choose_format(weight, bias, block_size, tokens, timer=timer, cache=cache).format
-        return cls._from_weight(weight, bias, format, block_size)
+        return cls._from_weight(weight, bias, format, block_size, activation)
 
     @classmethod
-    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, format: str, block_size) -> SparseLinear:
+    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, format: str, block_size,
+                     activation: str = "none") -> SparseLinear:
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, format, block_size, bias=bias is not None, dtype=weight.dtype,
-                    device=weight.device)
+                    device=weight.device, activation=activation)
         with torch.no_grad():
             if format == "dense":
                 layer.weight.copy_(weight)
@@ -350,11 +366,12 @@ class SparseLinear(nn.Module):
                     layer._buffers[name] = t
             if bias is not None:
                 layer.bias.copy_(bias)
-        layer._build_semi()
+        layer._build_derived()
         return layer
 
     def to_dense(self) -> nn.Linear:
-        """An nn.Linear with exactly this layer's weight and bias (same dtype and device, bit for bit)."""
+        """An nn.Linear with exactly this layer's weight and bias (same dtype and device, bit for bit); a
+        layer's activation is not part of it (apply F.gelu after it for activation="gelu")."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.dtype,
                            device=self.device)
         with torch.no_grad():
@@ -401,6 +418,8 @@ class SparseLinear(nn.Module):
         if self.format == "bsr":
             parts += [f"block_size={self.block_size}", f"nnz_blocks={self.values.shape[0]}"]
         parts += [f"nnz={self.nnz()}", f"sparsity={self.sparsity():.4f}", f"bias={self.bias is not None}"]
+        if self.activation != "none":
+            parts.append(f"activation={self.activation}")
         return ", ".join(parts)
 
     # ------------------------------------------------------------------------------------------
@@ -411,15 +430,30 @@ class SparseLinear(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
+        fast = self._fast
+        if (fast is not None and x.is_cpu and not torch.compiler.is_compiling()
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            if not self._buffers_unchanged():  # assigned or written to since: validate them again, once
+                self._check_compressed(self.crow_indices, self.col_indices, self.values)
+                self._build_derived()
+                fast = self._fast
+            kernel, crow, col, values, bias = fast
+            if x.dtype == values.dtype:
+                # one op call: the C++ kernel on validated buffers (it skips the O(nnz) index check)
+                if x.dim() == 2:
+                    return kernel(x, crow, col, values, bias, self.out_features, self.activation, False)
+                y = kernel(x.reshape(-1, self.in_features), crow, col, values, bias, self.out_features,
+                           self.activation, False)
+                return y.view(*x.shape[:-1], self.out_features)
         if x.dtype != self.dtype:
             raise TypeError(f"x must have the layer's dtype {self.dtype}, got {x.dtype} (convert x, or the layer "
                             "with .to(dtype))")
-        if self.format == "dense":
-            return F.linear(x, self.weight, self.bias)
-        if self._semi is not None:
-            return F.linear(x, self._semi, self.bias)
+        if self.format == "dense" or self._semi is not None:
+            y = F.linear(x, self.weight if self._semi is None else self._semi, self.bias)
+            return y if self.activation == "none" else F.gelu(y)
+        # traced, on another device, differentiated, or buffers written to since validation: the op checks all
         op = torch.ops.sparse_ops.csr_linear if self.format in _ROW_COMPRESSED else torch.ops.sparse_ops.bsr_linear
-        return op(x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features)
+        return op(x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features, self.activation)
 
     # ------------------------------------------------------------------------------------------
     # dtype/device conversion and loading
@@ -433,13 +467,36 @@ class SparseLinear(nn.Module):
             new = self._buffers[name]
             if new.dtype != formats.INDEX_DTYPE:
                 self._buffers[name] = old.to(new.device)
-        self._build_semi()
+        self._build_derived()
         return result
 
-    def _build_semi(self) -> None:
-        """2:4: (re)build torch's semi-structured weight from the CSR buffers where that path serves the
-        layer's device, dtype and shape; otherwise leave it None (csr_linear), warning once."""
-        self._semi = None
+    def _buffer_state(self) -> tuple:
+        bufs = self._buffers
+        crow, col = bufs["crow_indices"], bufs["col_indices"]
+        return id(crow), crow._version, id(col), col._version, id(bufs["values"]), id(bufs["bias"])
+
+    def _buffers_unchanged(self) -> bool:
+        """The buffers are the very tensors validated last, and the indices were not written to since
+        (in-place writes bump a tensor's _version; assigning a new tensor changes its identity)."""
+        return self._validated == self._buffer_state()
+
+    def _build_derived(self) -> None:
+        """What the forward derives from the (validated) buffers, rebuilt whenever the layer is built,
+        loaded or moved:
+        * on CPU, the direct call of the C++ kernel (`_fast`: one op call per forward, the index checks
+          done here, once), with the columns as uint16 for csr/2:4 when in_features <= 65,536 (2 bytes
+          per stored weight read instead of 4; the int32 buffer stays the saved form);
+        * for 2:4, torch's semi-structured weight where that path serves the device, dtype and shape."""
+        self._semi, self._fast, self._validated = None, None, None
+        if self.format == "dense":
+            return
+        self._validated = self._buffer_state()
+        op = "csr_linear_cpu" if self.format in _ROW_COMPRESSED else "bsr_linear_cpu"
+        if self.device.type == "cpu" and self.dtype != torch.float64 and has_cpu_kernel(f"sparse_ops::{op}"):
+            col = self.col_indices
+            if self.format in _ROW_COMPRESSED and self.in_features <= _NARROW_INDEX_LIMIT:
+                col = col.to(torch.uint16)
+            self._fast = (getattr(torch.ops.sparse_ops, op), self.crow_indices, col, self.values, self.bias)
         if self.format != "2:4":
             return
         reason = semi_structured_unavailable(self.device, self.dtype)
@@ -492,4 +549,4 @@ class SparseLinear(nn.Module):
                         self._buffers[name] = current.new_empty(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._build_semi()
+        self._build_derived()

@@ -15,13 +15,17 @@ Schemas (see README "Ops" for the full contract):
                    Tensor(e!)? histogram, Tensor(f!)? score_exp_avg=None,
                    Tensor(g!)? score_exp_avg_sq=None, *, str method, ...) -> ()
   csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias,
-             int out_features) -> Tensor                                          (..., out_features)
+             int out_features, str activation="none") -> Tensor                   (..., out_features)
   bsr_linear(<the same>) -> Tensor                       (values of shape (nnz_blocks, br, bc))
 
-The sparse linear ops compute x @ Wᵀ + bias for W given in CSR / BSR by rows (sparse_ops.formats), with
-int32 indices, values and bias in x.dtype, float32 accumulation and one rounding. Their CUDA/CPU
-kernels (`<op>_cuda`, `<op>_cpu`) receive x as a contiguous 2-D (M, in_features) tensor. Index
-contents are validated once by SparseLinear (formats.check_compressed), not on every call.
+The sparse linear ops compute act(x @ Wᵀ + bias) for W given in CSR / BSR by rows (sparse_ops.formats),
+with int32 indices (csr: col_indices may also be uint16 when in_features <= 65,536), values and bias
+in x.dtype, float32 accumulation and one rounding; activation "none" or "gelu" (exact, erf), fused
+into the CPU kernels' write-back and applied after the product elsewhere. Their CUDA/CPU kernels
+(`<op>_cuda`, `<op>_cpu`) receive x as a contiguous 2-D (M, in_features) tensor. The public ops
+check everything, index contents included (O(nnz)); the `<op>_cpu` twins take
+check_indices=False from SparseLinear, which validated its index tensors once, when they were built
+or loaded.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from .prior import check_prior_args
 
 LIB = "sparse_ops"
 # Bump together with csrc/cpu/schema_version.cpp whenever a schema below changes.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defined once, here
 
 _FUSED_SCHEMA = (
@@ -53,16 +57,21 @@ _lib.define("radix_histogram(Tensor[] xs, Tensor state, int level, bool absolute
 _lib.define("kthvalue(Tensor x, int k) -> Tensor")
 _lib.define("kthvalue_multi(Tensor[] xs, int k, bool absolute=False) -> Tensor")
 _lib.define(_FUSED_SCHEMA)
-_SPARSE_LINEAR_ARGS = "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int out_features)"
-_lib.define(f"csr_linear{_SPARSE_LINEAR_ARGS} -> Tensor")
-_lib.define(f"bsr_linear{_SPARSE_LINEAR_ARGS} -> Tensor")
+_SPARSE_LINEAR_ARGS = "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int out_features"
+ACTIVATIONS = ("none", "gelu")
+for _fmt in ("csr", "bsr"):
+    _lib.define(f"{_fmt}_linear{_SPARSE_LINEAR_ARGS}, str activation='none') -> Tensor")
+    # the C++ CPU kernel (csrc/cpu): the epilogue fused, and the index check skippable for SparseLinear
+    _lib.define(f"{_fmt}_linear_cpu{_SPARSE_LINEAR_ARGS}, str activation='none', bool check_indices=True) -> Tensor")
+# the CUDA kernel (csrc/cuda): int32 indices, no epilogue (the activation is applied after it)
+_lib.define(f"csr_linear_cuda{_SPARSE_LINEAR_ARGS}) -> Tensor")
 # Private twins that csrc/ implements for the CPU key (TORCH_LIBRARY_IMPL(sparse_ops, CPU, m)) and,
 # for csr_linear, the CUDA key (csrc/cuda).
 CPP_OPS = ("mgp_prior_grad", "radix_histogram", "fused_prune_step", "csr_linear", "bsr_linear")
 CUDA_OPS = ("csr_linear",)
-for _op, _suffix in [(op, "cpu") for op in CPP_OPS] + [(op, "cuda") for op in CUDA_OPS]:
+for _op in CPP_OPS[:3]:
     _schema = str(getattr(torch.ops.sparse_ops, _op).default._schema)
-    _lib.define(_schema.replace(f"{LIB}::{_op}(", f"{_op}_{_suffix}(", 1))
+    _lib.define(_schema.replace(f"{LIB}::{_op}(", f"{_op}_cpu(", 1))
 
 
 def _triton_kernels():
@@ -212,9 +221,10 @@ def _fused_prune_step_impl(weight, grad, scores, mask, histogram, score_exp_avg=
 # csr_linear / bsr_linear (inference)
 # ---------------------------------------------------------------------------------------------
 _SPARSE_LINEAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NARROW_INDEX_LIMIT = 1 << 16  # uint16 col_indices address in_features <= 65,536
 
 
-def _check_sparse_linear(fmt, x, crow, col, values, bias, out_features):
+def _check_sparse_linear(fmt, x, crow, col, values, bias, out_features, activation):
     if not isinstance(x, torch.Tensor) or x.dtype not in _SPARSE_LINEAR_DTYPES:
         raise TypeError(f"x must be a tensor of dtype float32, float16, bfloat16 or float64, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -222,10 +232,17 @@ def _check_sparse_linear(fmt, x, crow, col, values, bias, out_features):
         raise ValueError(f"x must have shape (..., in_features) with in_features >= 1, got {tuple(x.shape)}")
     if not isinstance(out_features, int) or out_features < 1:
         raise ValueError(f"out_features must be a positive int, got {out_features!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     for name, t in (("crow_indices", crow), ("col_indices", col)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
-            raise TypeError(f"{name} must be a 1-D int32 tensor (convert with .to(torch.int32)), got "
+        narrow_ok = name == "col_indices" and fmt == "csr" and isinstance(t, torch.Tensor) and t.dtype == torch.uint16
+        if not isinstance(t, torch.Tensor) or (t.dtype != torch.int32 and not narrow_ok) or t.dim() != 1:
+            extra = " (csr col_indices: or uint16)" if name == "col_indices" and fmt == "csr" else ""
+            raise TypeError(f"{name} must be a 1-D int32 tensor{extra} (convert with .to(torch.int32)), got "
                             f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+    if col.dtype == torch.uint16 and x.shape[-1] > _NARROW_INDEX_LIMIT:
+        raise ValueError(f"col_indices: uint16 indices address in_features <= {_NARROW_INDEX_LIMIT}, got "
+                         f"in_features={x.shape[-1]}; use int32")
     for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
@@ -249,61 +266,81 @@ def _check_sparse_linear(fmt, x, crow, col, values, bias, out_features):
                          f"{bias.dtype} {tuple(bias.shape)}")
 
 
+def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The epilogue where the kernel has none: GELU (exact, erf) in float32 for 16-bit outputs."""
+    if activation == "none":
+        return y
+    return torch.nn.functional.gelu(y.float() if y.dtype in (torch.float16, torch.bfloat16) else y).to(y.dtype)
+
+
 def _sparse_linear_fake(fmt):
-    def fake(x, crow_indices, col_indices, values, bias, out_features):
-        _check_sparse_linear(fmt, x, crow_indices, col_indices, values, bias, out_features)
+    def fake(x, crow_indices, col_indices, values, bias, out_features, activation="none"):
+        _check_sparse_linear(fmt, x, crow_indices, col_indices, values, bias, out_features, activation)
         return x.new_empty(*x.shape[:-1], out_features)
 
     return fake
 
 
 def _sparse_linear_kernel(fmt, x, values):
+    """(kernel, fused): the kernel for these inputs, and whether it takes (activation, check_indices)."""
     op = f"{fmt}_linear"
     if _forced["backend"] == "reference" or x.dtype == torch.float64:
-        return getattr(reference, f"{op}_ref")
+        return getattr(reference, f"{op}_ref"), False
     if fmt == "bsr" and _use_triton(x) and max(values.shape[1:]) <= _triton_kernels().bsr_linear.MAX_BLOCK:
-        return _triton_kernels().bsr_linear.bsr_linear_triton
+        return _triton_kernels().bsr_linear.bsr_linear_triton, False
     if x.device.type == "cuda" and has_cuda_kernel(f"{LIB}::{op}_cuda"):
-        return getattr(torch.ops.sparse_ops, f"{op}_cuda")
+        return getattr(torch.ops.sparse_ops, f"{op}_cuda"), False
     if x.device.type == "cpu" and has_cpu_kernel(f"{LIB}::{op}_cpu"):
-        return getattr(torch.ops.sparse_ops, f"{op}_cpu")
-    return getattr(reference, f"{op}_ref")
+        return getattr(torch.ops.sparse_ops, f"{op}_cpu"), True
+    return getattr(reference, f"{op}_ref"), False
 
 
 def _sparse_linear_impl(fmt):
-    def impl(x, crow_indices, col_indices, values, bias, out_features):
-        _check_sparse_linear(fmt, x, crow_indices, col_indices, values, bias, out_features)
+    def impl(x, crow_indices, col_indices, values, bias, out_features, activation="none"):
+        _check_sparse_linear(fmt, x, crow_indices, col_indices, values, bias, out_features, activation)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         if x2.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], out_features)
+        kernel, fused = _sparse_linear_kernel(fmt, x, values)
+        if not fused and col_indices.dtype == torch.uint16:  # only the C++ kernel reads 2-byte columns
+            col_indices = col_indices.to(torch.int32)
         args = [t.contiguous() for t in (crow_indices, col_indices, values)]
         bias = None if bias is None else bias.contiguous()
-        y = _sparse_linear_kernel(fmt, x, values)(x2, *args, bias, out_features)
+        if fused:
+            y = kernel(x2, *args, bias, out_features, activation, True)
+        else:
+            y = _activate(kernel(x2, *args, bias, out_features), activation)
         return y.view(*x.shape[:-1], out_features)
 
     return impl
 
 
 def _sparse_linear_setup_context(ctx, inputs, output):
-    x, crow, col, values, _, out_features = inputs
-    ctx.save_for_backward(crow, col, values)
+    x, crow, col, values, bias, out_features, *rest = inputs
+    ctx.activation = rest[0] if rest else "none"
+    ctx.save_for_backward(x if ctx.activation != "none" else None, crow, col, values, bias)
     ctx.in_features, ctx.out_features = x.shape[-1], out_features
 
 
 def _sparse_linear_backward(fmt):
     """Gradients for x and bias only (the layers are for inference; the stored weight is a constant):
-    grad_x = grad_y @ W with W densified in float32 — correct, not a fast path."""
+    grad_x = grad_pre @ W with W densified in float32 — correct, not a fast path. With an activation,
+    grad_pre = gelu'(pre) · grad, the pre-activation recomputed by the op without it."""
     to_dense = reference.csr_to_dense_ref if fmt == "csr" else reference.bsr_to_dense_ref
 
     def backward(ctx, grad):
-        crow, col, values = ctx.saved_tensors
+        x, crow, col, values, bias = ctx.saved_tensors
         if ctx.needs_input_grad[3]:
             raise RuntimeError(f"{fmt}_linear does not differentiate its stored weight values; detach them")
+        if ctx.activation != "none":
+            op = getattr(torch.ops.sparse_ops, f"{fmt}_linear")
+            pre = op(x.detach(), crow, col, values, None if bias is None else bias.detach(), ctx.out_features)
+            grad = torch.ops.aten.gelu_backward(grad, pre)
         weight = to_dense(crow, col, values, (ctx.out_features, ctx.in_features))
         cdt = reference.compute_dtype(grad.dtype)
         grad_x = (grad.to(cdt) @ weight.to(cdt)).to(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, ctx.out_features).sum(0) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, None, grad_bias, None
+        return grad_x, None, None, None, grad_bias, None, None
 
     return backward
 

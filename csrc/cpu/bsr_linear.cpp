@@ -1,15 +1,18 @@
 // CPU kernel of sparse_ops::bsr_linear_cpu (schema in sparse_ops/ops.py; reference:
 // sparse_ops.reference.bsr_linear_ref).
 //
-//   y = x·Wᵀ + bias,  x (M, K) contiguous, W (N × K) in BSR by block rows: int32 crow_indices
+//   y = act(x·Wᵀ + bias),  x (M, K) contiguous, W (N × K) in BSR by block rows: int32 crow_indices
 //   (ceil(N / br) + 1), int32 col_indices (nnz_blocks) of block columns, values (nnz_blocks, br, bc);
-//   bias (N) or None; returns a new (M, N) tensor in x.dtype. W is zero-padded to whole blocks; the
+//   bias (N) or None; act "none" or "gelu" (erf GELU in the write-back, as in csr_linear.cpp);
+//   check_indices=false skips the validation of the index contents (the caller did it once);
+//   returns a new (M, N) tensor in x.dtype. W is zero-padded to whole blocks; the
 //   kernel never reads x past column K nor writes y past row N, so the padding's contents (even NaN)
 //   never matter.
 //
 // Numerics: float32, float16 and bfloat16; products and sums in float32 (fused multiply-adds on the
 // AVX2 path), the bias added in float32 and the result rounded once to x.dtype; the order of the
-// sums differs from PyTorch's dense F.linear (results agree to rounding).
+// sums differs from PyTorch's dense F.linear (results agree to rounding). fp16/bf16 values are
+// converted to float32 on every call (a copy of the weight; csr_linear reads them as stored).
 //
 // Algorithm (see common.h, "sparse linear layers"): block rows are split between threads by stored
 // blocks.
@@ -185,7 +188,7 @@ struct Bsr {
 
 // M ≥ kMaxDotTokens + 1: panels of 16 tokens; per block row, every tile.
 template <typename T>
-void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr& w, const float* bias, T* y, int64_t N) {
+void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr& w, const float* bias, Activation act, T* y, int64_t N) {
   const TokenTiles tiles = make_token_tiles(M, kTileTokens);
   at::Tensor panels = at::empty({tiles.panel_floats(K)}, at::kFloat);
   pack_panels<T>(x, K, tiles, panels.data_ptr<float>());
@@ -202,7 +205,12 @@ void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr& w, const float* bias
           const BlockRow a{w.col, w.val, w.crow[i], w.crow[i + 1], w.br, w.bc, K, rows,
                            panels.data_ptr<float>() + tiles.begin(j) * K, part_acc};
           block_row(a, W);
-          store_tile<T>(a.acc, W, n0, n0 + rows, tiles.begin(j), tiles.size(j), bias, y, N);
+          if (act == Activation::kNone) {
+            store_tile<T>(a.acc, W, n0, n0 + rows, tiles.begin(j), tiles.size(j), bias, y, N);
+          } else {
+            finish_rows(a.acc, W, rows, W, bias != nullptr ? bias + n0 : nullptr, act);
+            store_tile<T>(a.acc, W, n0, n0 + rows, tiles.begin(j), tiles.size(j), nullptr, y, N);
+          }
         }
       }
     }
@@ -211,7 +219,7 @@ void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr& w, const float* bias
 
 // M ≤ kMaxDotTokens: dot products; xf is x as contiguous float32 (M, K).
 template <typename T>
-void bsr_dots(const at::Tensor& xf, const Bsr& w, const float* bias, T* y, int64_t N) {
+void bsr_dots(const at::Tensor& xf, const Bsr& w, const float* bias, Activation act, T* y, int64_t N) {
   const int64_t M = xf.size(0), K = xf.size(1);
   const int64_t parts = worth_threads(M * static_cast<int64_t>(w.crow[w.block_rows]) * w.br * w.bc);
   const std::vector<int64_t> cut = split_rows_by_entries(w.crow, w.block_rows, parts, 1);
@@ -224,7 +232,8 @@ void bsr_dots(const at::Tensor& xf, const Bsr& w, const float* bias, T* y, int64
         for (int64_t m = 0; m < M; ++m) {
           dots(a, xf.const_data_ptr<float>() + m * K, out.data());
           for (int64_t r = 0; r < rows; ++r) {
-            store_value(y + m * N + n0 + r, out[r] + (bias != nullptr ? bias[n0 + r] : 0.0f));
+            const float v = out[r] + (bias != nullptr ? bias[n0 + r] : 0.0f);
+            store_value(y + m * N + n0 + r, act == Activation::kGelu ? gelu_f32(v) : v);
           }
         }
       }
@@ -233,8 +242,10 @@ void bsr_dots(const at::Tensor& xf, const Bsr& w, const float* bias, T* y, int64
 }
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
-  check_sparse_linear(x, crow_indices, col_indices, values, bias, out_features, /*blocked=*/true);
+                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
+                          c10::string_view activation, bool check_indices) {
+  check_sparse_linear(x, crow_indices, col_indices, values, bias, out_features, /*blocked=*/true, check_indices);
+  const Activation act = parse_activation(std::string(activation));
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0) return y;
@@ -247,9 +258,9 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const auto run = [&](auto tag) {
     using T = decltype(tag);
     if (M <= kMaxDotTokens) {
-      bsr_dots<T>(contiguous_float(xc), w, b, y.mutable_data_ptr<T>(), N);
+      bsr_dots<T>(contiguous_float(xc), w, b, act, y.mutable_data_ptr<T>(), N);
     } else {
-      bsr_tiles<T>(xc.const_data_ptr<T>(), M, K, w, b, y.mutable_data_ptr<T>(), N);
+      bsr_tiles<T>(xc.const_data_ptr<T>(), M, K, w, b, act, y.mutable_data_ptr<T>(), N);
     }
   };
   switch (x.scalar_type()) {

@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -662,7 +663,7 @@ inline at::Tensor contiguous_float(const at::Tensor& t) {
 // (block columns for BSR) within [0, cols). Sorted columns are not required.
 inline void check_sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                                 const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
-                                bool blocked) {
+                                bool blocked, bool check_indices) {
   check_cpu(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "x must have dtype float32, float16 or bfloat16 (float64 runs on the reference), got ",
@@ -675,8 +676,10 @@ inline void check_sparse_linear(const at::Tensor& x, const at::Tensor& crow, con
   check_cpu(values, "values");
   TORCH_CHECK(crow.scalar_type() == at::kInt && crow.dim() == 1, "crow_indices must be a 1-D int32 tensor, got ",
               crow.scalar_type(), " of shape ", crow.sizes());
-  TORCH_CHECK(col.scalar_type() == at::kInt && col.dim() == 1, "col_indices must be a 1-D int32 tensor, got ",
-              col.scalar_type(), " of shape ", col.sizes());
+  const bool narrow = col.scalar_type() == at::kUInt16;  // CSR only: columns < 65,536 in 2 bytes
+  TORCH_CHECK((col.scalar_type() == at::kInt || (narrow && !blocked)) && col.dim() == 1,
+              "col_indices must be a 1-D int32 tensor", blocked ? "" : " (or uint16 when in_features <= 65536)",
+              ", got ", col.scalar_type(), " of shape ", col.sizes());
   TORCH_CHECK(values.scalar_type() == x.scalar_type(), "values must have the dtype of x (", x.scalar_type(), "), got ",
               values.scalar_type());
   int64_t rows = out_features, cols = x.size(1);
@@ -698,6 +701,8 @@ inline void check_sparse_linear(const at::Tensor& x, const at::Tensor& crow, con
                 "bias must be None or of shape (", out_features, ",) and dtype ", x.scalar_type(), ", got ",
                 bias->scalar_type(), " ", bias->sizes());
   }
+  TORCH_CHECK(!narrow || x.size(1) <= 65536, "uint16 col_indices need in_features <= 65536, got ", x.size(1));
+  if (!check_indices) return;  // the caller (SparseLinear) validated these very index tensors already
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const int32_t* c = crow_c.const_data_ptr<int32_t>();
   const int64_t entries = col.numel();
@@ -706,17 +711,80 @@ inline void check_sparse_linear(const at::Tensor& x, const at::Tensor& crow, con
   bool ordered = true;
   for (int64_t r = 0; r < rows; ++r) ordered &= c[r] <= c[r + 1];
   TORCH_CHECK(ordered, "crow_indices must be non-decreasing");
-  const int32_t* k = col_c.const_data_ptr<int32_t>();
-  uint32_t top = 0;  // largest column as unsigned: negative columns count as huge
+  const auto check_columns = [&](auto tag) {
+    using I = decltype(tag);
+    const I* k = col_c.const_data_ptr<I>();
+    uint32_t top = 0;  // largest column as unsigned: negative columns count as huge
+    run_vectorised([&] {
+      uint32_t m = 0;  // a local: the loop vectorises
+      for (int64_t p = 0; p < entries; ++p) m = std::max(m, static_cast<uint32_t>(k[p]));
+      top = m;
+    });
+    if (top >= static_cast<uint64_t>(cols)) {
+      const auto [lo, hi] = std::minmax_element(k, k + entries);
+      TORCH_CHECK(false, "col_indices must lie in [0, ", cols, "), got [", static_cast<int64_t>(*lo), ", ",
+                  static_cast<int64_t>(*hi), "]");
+    }
+  };
+  narrow ? check_columns(uint16_t{}) : check_columns(int32_t{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// the sparse linear epilogue: y = act(x·Wᵀ + bias)
+// ---------------------------------------------------------------------------------------------
+enum class Activation { kNone, kGelu };
+
+inline Activation parse_activation(const std::string& name) {
+  if (name == "none") return Activation::kNone;
+  TORCH_CHECK(name == "gelu", "activation must be 'none' or 'gelu' (the exact, erf GELU), got '", name, "'");
+  return Activation::kGelu;
+}
+
+// GELU(v) = v·Φ(v), Φ(v) = ½·erfc(−v/√2), branch-free (loops over it vectorise). erfc(z), z = |v|/√2,
+// is Abramowitz & Stegun 7.1.26: t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·e^(−z²), t = 1/(1 + p·z),
+// absolute error ≤ 1.5e-7, so |GELU error| ≤ 0.75e-7·|v| (about one float32 ulp of the result).
+inline float gelu_f32(float v) {
+  const float z = std::fabs(v) * 0.70710678118654752f;
+  const float t = 1.0f / (1.0f + 0.3275911f * z);
+  float q = 1.061405429f;
+  q = q * t - 1.453152027f;
+  q = q * t + 1.421413741f;
+  q = q * t - 0.284496736f;
+  q = q * t + 0.254829592f;
+  const float erfc_z = q * t * exp_f32(-z * z);           // erfc(|v|/√2)
+  const float phi = select_f32(v < 0.0f, 0.5f * erfc_z, 1.0f - 0.5f * erfc_z);
+  return v * phi;
+}
+
+// acc[r·stride + t] = act(acc[r·stride + t] + bias[r]) for r < rows, t < width (bias may be null).
+inline void finish_rows(float* acc, int64_t stride, int64_t rows, int64_t width, const float* bias, Activation act) {
   run_vectorised([&] {
-    uint32_t m = 0;  // a local: the loop vectorises
-    for (int64_t p = 0; p < entries; ++p) m = std::max(m, static_cast<uint32_t>(k[p]));
-    top = m;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* __restrict__ a = acc + r * stride;
+      const float b = bias != nullptr ? bias[r] : 0.0f;
+      if (act == Activation::kGelu) {
+        for (int64_t t = 0; t < width; ++t) a[t] = gelu_f32(a[t] + b);
+      } else {
+        for (int64_t t = 0; t < width; ++t) a[t] = a[t] + b;
+      }
+    }
   });
-  if (top >= static_cast<uint64_t>(cols)) {
-    const auto [lo, hi] = std::minmax_element(k, k + entries);
-    TORCH_CHECK(false, "col_indices must lie in [0, ", cols, "), got [", *lo, ", ", *hi, "]");
-  }
+}
+
+// s[i] = act(s[i] + bias[i]) for i < n (bias may be null): one token's outputs.
+inline void finish_vector(float* s, int64_t n, const float* bias, Activation act) {
+  run_vectorised([&] {
+    float* __restrict__ a = s;
+    if (act == Activation::kGelu) {
+      if (bias != nullptr) {
+        for (int64_t i = 0; i < n; ++i) a[i] = gelu_f32(a[i] + bias[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) a[i] = gelu_f32(a[i]);
+      }
+    } else if (bias != nullptr) {
+      for (int64_t i = 0; i < n; ++i) a[i] = a[i] + bias[i];
+    }
+  });
 }
 
 }  // namespace sparse_ops

@@ -1,17 +1,23 @@
 // CPU kernel of sparse_ops::csr_linear_cpu (schema in sparse_ops/ops.py; reference:
 // sparse_ops.reference.csr_linear_ref).
 //
-//   y = x·Wᵀ + bias,  x (M, K) contiguous, W (N × K) in CSR by rows (int32 crow_indices (N + 1),
-//   col_indices (nnz), values (nnz)), bias (N) or None; returns a new (M, N) tensor in x.dtype.
+//   y = act(x·Wᵀ + bias),  x (M, K) contiguous, W (N × K) in CSR by rows (int32 crow_indices (N + 1),
+//   col_indices (nnz): int32, or uint16 when K ≤ 65,536 (2 bytes instead of 4 per stored weight),
+//   values (nnz)), bias (N) or None, act "none" or "gelu" (erf GELU, fused into the write-back);
+//   returns a new (M, N) tensor in x.dtype. check_indices=false skips the O(nnz) validation of the
+//   index contents, for callers that validated these tensors already (SparseLinear does, once).
 //
 // Numerics: float32, float16 and bfloat16; products and sums in float32 (fused multiply-adds on the
-// AVX2 path), the bias added in float32 and the result rounded once to x.dtype. The order of the
-// sums differs from PyTorch's dense F.linear, so results agree with it to rounding (the tests use
-// flash-attention's rule: at most twice PyTorch's own error against a float64 reference).
+// AVX2 path), the bias added in float32, GELU in float32 (gelu_f32 in common.h, error ≤ 0.75e-7·|v|)
+// and the result rounded once to x.dtype. fp16/bf16 values are read as stored and converted one by
+// one: the weight is never converted as a whole. The order of the sums differs from PyTorch's dense
+// F.linear, so results agree with it to rounding (the tests use flash-attention's rule: at most
+// twice PyTorch's own error against a float64 reference).
 //
 // Algorithm (see common.h, "sparse linear layers"): rows are split between threads by stored
 // entries (not by count), so uneven rows still balance.
-//  * M = 1: one dot product per row over the gathered entries of x (AVX2 gathers for float32).
+//  * M = 1: one dot product per row over the gathered entries of x (AVX2 gathers for float32), the
+//    sums in float32, then bias and activation over the whole part at once (vectorised).
 //  * M ≥ 2: x is packed once into float32 panels of up to 64 tokens (x transposed); each stored
 //    w[n, k] is one broadcast multiply-add of panel row k into row n's accumulators, which stay in
 //    registers for the whole row. For cache locality the columns are walked in chunks: each thread
@@ -35,10 +41,11 @@ constexpr int64_t kStoreRows = 16;                // rows per write-back group
 
 // One pass over rows [0, rows) for the columns below `limit`: row r continues from cursor[r] up to
 // its end row_end[r] or its first column ≥ limit, adding val·panel[col] into acc row r (which
-// starts at zero when `first`). V: accumulator vectors (tile of 8V tokens).
+// starts at zero when `first`). col: int32 or uint16 (I), val: float32, float16 or bfloat16 (VT),
+// read as stored (converted entry by entry, never as a whole).
 struct ChunkArgs {
-  const int32_t* col;
-  const float* val;
+  const void* col;
+  const void* val;
   const int32_t* row_end;  // crow + first row + 1
   int64_t* cursor;
   int64_t rows;
@@ -50,18 +57,23 @@ struct ChunkArgs {
 
 using ChunkFn = void (*)(const ChunkArgs&);
 
+template <typename VT>
+inline float value_at(const VT* val, int64_t p) {
+  return static_cast<float>(load_value(val + p));
+}
+
 #ifdef SPARSE_OPS_AVX2_FMA
 #define UNROLL _Pragma("GCC unroll 16")  // fully unrolled loops keep the accumulator arrays in registers
 
-template <int V>
+template <int V, typename I, typename VT>
 SPARSE_OPS_TARGET_AVX2_FMA void chunk_avx2(const ChunkArgs& a) {
   constexpr int64_t W = 8 * V;
   // independent accumulator sets, so that at least ~8 FMA chains hide the FMA latency
   constexpr int S = V >= 5 ? 1 : (V >= 3 ? 2 : 4);
-  const int32_t* __restrict__ col = a.col;
-  const float* __restrict__ val = a.val;
+  const I* __restrict__ col = static_cast<const I*>(a.col);
+  const VT* __restrict__ val = static_cast<const VT*>(a.val);
   const float* __restrict__ panel = a.panel;
-  const int32_t limit = a.limit;
+  const int64_t limit = a.limit;
   for (int64_t r = 0; r < a.rows; ++r) {
     float* __restrict__ out = a.acc + r * W;
     __m256 acc[S][V];
@@ -71,15 +83,15 @@ SPARSE_OPS_TARGET_AVX2_FMA void chunk_avx2(const ChunkArgs& a) {
     }
     int64_t p = a.cursor[r];
     const int64_t end = a.row_end[r];
-    for (; p + S <= end && col[p + S - 1] < limit; p += S) {
+    for (; p + S <= end && static_cast<int64_t>(col[p + S - 1]) < limit; p += S) {
       UNROLL for (int s = 0; s < S; ++s) {
-        const __m256 w = _mm256_broadcast_ss(val + p + s);
+        const __m256 w = _mm256_set1_ps(value_at(val, p + s));
         const float* xk = panel + static_cast<int64_t>(col[p + s]) * W;
         UNROLL for (int v = 0; v < V; ++v) acc[s][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + 8 * v), acc[s][v]);
       }
     }
-    for (; p < end && col[p] < limit; ++p) {
-      const __m256 w = _mm256_broadcast_ss(val + p);
+    for (; p < end && static_cast<int64_t>(col[p]) < limit; ++p) {
+      const __m256 w = _mm256_set1_ps(value_at(val, p));
       const float* xk = panel + static_cast<int64_t>(col[p]) * W;
       UNROLL for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + 8 * v), acc[0][v]);
     }
@@ -92,22 +104,30 @@ SPARSE_OPS_TARGET_AVX2_FMA void chunk_avx2(const ChunkArgs& a) {
 }
 #undef UNROLL
 
-// y[n] = Σ val·x[col] + bias[n] for rows [n0, n1), one token: 8 entries per gather.
-SPARSE_OPS_TARGET_AVX2_FMA void gemv_avx2(const int32_t* crow, const int32_t* col, const float* val, const float* x,
-                                          const float* bias, float* y, int64_t n0, int64_t n1) {
+// 8 column indices as int32 lanes
+template <typename I>
+SPARSE_OPS_TARGET_AVX2_FMA inline __m256i load8_index(const I* p) {
+  if constexpr (std::is_same_v<I, uint16_t>) {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+}
+
+// s[n] = Σ val·x[col] for rows [n0, n1), one token, float32 values: 8 entries per gather.
+template <typename I>
+SPARSE_OPS_TARGET_AVX2_FMA void gemv_avx2(const int32_t* crow, const I* col, const float* val, const float* x,
+                                          float* s, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t p = crow[n];
     const int64_t end = crow[n + 1];
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     for (; p + 16 <= end; p += 16) {
-      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p));
-      const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p + 8));
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p), _mm256_i32gather_ps(x, c0, 4), s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p + 8), _mm256_i32gather_ps(x, c1, 4), s1);
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p), _mm256_i32gather_ps(x, load8_index(col + p), 4), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p + 8), _mm256_i32gather_ps(x, load8_index(col + p + 8), 4), s1);
     }
     if (p + 8 <= end) {
-      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p));
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p), _mm256_i32gather_ps(x, c0, 4), s0);
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + p), _mm256_i32gather_ps(x, load8_index(col + p), 4), s0);
       p += 8;
     }
     s0 = _mm256_add_ps(s0, s1);
@@ -116,21 +136,23 @@ SPARSE_OPS_TARGET_AVX2_FMA void gemv_avx2(const int32_t* crow, const int32_t* co
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     float sum = _mm_cvtss_f32(h);
     for (; p < end; ++p) sum = std::fma(val[p], x[col[p]], sum);
-    y[n] = sum + (bias != nullptr ? bias[n] : 0.0f);
+    s[n - n0] = sum;
   }
 }
 #endif
 
-template <int V>
+template <int V, typename I, typename VT>
 void chunk_plain(const ChunkArgs& a) {
   constexpr int64_t W = 8 * V;
+  const I* col = static_cast<const I*>(a.col);
+  const VT* val = static_cast<const VT*>(a.val);
   for (int64_t r = 0; r < a.rows; ++r) {
     float acc[W];
     for (int64_t t = 0; t < W; ++t) acc[t] = a.first ? 0.0f : a.acc[r * W + t];
     int64_t p = a.cursor[r];
-    for (; p < a.row_end[r] && a.col[p] < a.limit; ++p) {
-      const float w = a.val[p];
-      const float* xk = a.panel + static_cast<int64_t>(a.col[p]) * W;
+    for (; p < a.row_end[r] && static_cast<int64_t>(col[p]) < a.limit; ++p) {
+      const float w = value_at(val, p);
+      const float* xk = a.panel + static_cast<int64_t>(col[p]) * W;
       for (int64_t t = 0; t < W; ++t) acc[t] += w * xk[t];
     }
     a.cursor[r] = p;
@@ -138,34 +160,33 @@ void chunk_plain(const ChunkArgs& a) {
   }
 }
 
-// y[n] for rows [n0, n1), one token, values and bias of type T converted on the fly.
-template <typename T>
-void gemv_plain(const int32_t* crow, const int32_t* col, const T* val, const float* x, const float* bias, T* y,
-                int64_t n0, int64_t n1) {
+// s[n] = Σ val·x[col] for rows [n0, n1), one token, values of type VT converted on the fly.
+template <typename I, typename VT>
+void gemv_plain(const int32_t* crow, const I* col, const VT* val, const float* x, float* s, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // 4 independent sums
+    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // 4 independent sums
     int64_t p = crow[n];
     const int64_t end = crow[n + 1];
     for (; p + 4 <= end; p += 4) {
-      for (int i = 0; i < 4; ++i) s[i] += static_cast<float>(load_value(val + p + i)) * x[col[p + i]];
+      for (int i = 0; i < 4; ++i) part[i] += value_at(val, p + i) * x[col[p + i]];
     }
-    for (; p < end; ++p) s[0] += static_cast<float>(load_value(val + p)) * x[col[p]];
-    store_value(y + n, ((s[0] + s[1]) + (s[2] + s[3])) + (bias != nullptr ? bias[n] : 0.0f));
+    for (; p < end; ++p) part[0] += value_at(val, p) * x[col[p]];
+    s[n - n0] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }
 
-template <int... Vs>
+template <typename I, typename VT, int... Vs>
 constexpr std::array<ChunkFn, sizeof...(Vs) + 1> chunk_table(bool avx2) {
 #ifdef SPARSE_OPS_AVX2_FMA
-  if (avx2) return {nullptr, &chunk_avx2<Vs>...};
+  if (avx2) return {nullptr, &chunk_avx2<Vs, I, VT>...};
 #endif
-  return {nullptr, &chunk_plain<Vs>...};
+  return {nullptr, &chunk_plain<Vs, I, VT>...};
 }
 
 // M ≥ 2: panels, column chunks, transposed write-back (see the file comment).
-template <typename T>
-void csr_tiles(const T* x, int64_t M, int64_t K, const int32_t* crow, const int32_t* col, const float* val,
-               const float* bias, T* y, int64_t N) {
+template <typename T, typename I>
+void csr_tiles(const T* x, int64_t M, int64_t K, const int32_t* crow, const I* col, const T* val, const float* bias,
+               Activation act, T* y, int64_t N) {
   const TokenTiles tiles = make_token_tiles(M, kMaxTileTokens);
   at::Tensor panels = at::empty({tiles.panel_floats(K)}, at::kFloat);
   pack_panels<T>(x, K, tiles, panels.data_ptr<float>());
@@ -177,7 +198,7 @@ void csr_tiles(const T* x, int64_t M, int64_t K, const int32_t* crow, const int3
 
   at::Tensor acc = at::empty({N * tiles.width}, at::kFloat);
   at::Tensor cursors = at::empty({N}, at::kLong);
-  const auto table = chunk_table<1, 2, 3, 4, 5, 6, 7, 8>(use_avx2_fma());
+  const auto table = chunk_table<I, T, 1, 2, 3, 4, 5, 6, 7, 8>(use_avx2_fma());
   const int64_t parts = worth_threads(M * static_cast<int64_t>(crow[N]));
   const std::vector<int64_t> cut = split_rows_by_entries(crow, N, parts, 8);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
@@ -194,7 +215,7 @@ void csr_tiles(const T* x, int64_t M, int64_t K, const int32_t* crow, const int3
           args.first = c == 0;
           table[W / 8](args);
         }
-        // last chunk: groups of rows, each written to y while its accumulators are in L1
+        // last chunk: groups of rows, each finished and written to y while its accumulators are in L1
         args.limit = std::numeric_limits<int32_t>::max();
         args.first = chunks == 1;
         for (int64_t g = n0; g < n1; g += kStoreRows) {
@@ -204,46 +225,64 @@ void csr_tiles(const T* x, int64_t M, int64_t K, const int32_t* crow, const int3
           group.rows = std::min(kStoreRows, n1 - g);
           group.acc += (g - n0) * W;
           table[W / 8](group);
-          store_tile<T>(group.acc, W, g, g + group.rows, tiles.begin(j), tiles.size(j), bias, y, N);
+          if (act == Activation::kNone) {
+            store_tile<T>(group.acc, W, g, g + group.rows, tiles.begin(j), tiles.size(j), bias, y, N);
+          } else {
+            finish_rows(group.acc, W, group.rows, W, bias != nullptr ? bias + g : nullptr, act);
+            store_tile<T>(group.acc, W, g, g + group.rows, tiles.begin(j), tiles.size(j), nullptr, y, N);
+          }
         }
       }
     }
   });
 }
 
-// M = 1
-template <typename T>
-void csr_gemv(const T* x, int64_t K, const int32_t* crow, const int32_t* col, const T* val, const float* bias,
-              T* y, int64_t N) {
-  at::Tensor xf;
+// M = 1: the sums of each part of the rows land in float32 (in y itself for float32), then bias and
+// activation, then the rounding to T.
+template <typename T, typename I>
+void csr_gemv(const T* x, int64_t K, const int32_t* crow, const I* col, const T* val, const float* bias,
+              Activation act, T* y, int64_t N) {
+  at::Tensor xf, sums;
   const float* xp;
+  float* s;
   if constexpr (std::is_same_v<T, float>) {
     xp = x;
+    s = y;
   } else {
     xf = at::empty({K}, at::kFloat);
     for (int64_t k = 0; k < K; ++k) xf.data_ptr<float>()[k] = load_value(x + k);
     xp = xf.data_ptr<float>();
+    sums = at::empty({N}, at::kFloat);
+    s = sums.data_ptr<float>();
   }
   const int64_t parts = worth_threads(crow[N]);
   const std::vector<int64_t> cut = split_rows_by_entries(crow, N, parts, 8);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
+      const int64_t n0 = cut[part], n1 = cut[part + 1];
+      bool done = false;
 #ifdef SPARSE_OPS_AVX2_FMA
       if constexpr (std::is_same_v<T, float>) {
         if (use_avx2_fma()) {
-          gemv_avx2(crow, col, val, xp, bias, y, cut[part], cut[part + 1]);
-          continue;
+          gemv_avx2<I>(crow, col, val, xp, s + n0, n0, n1);
+          done = true;
         }
       }
 #endif
-      gemv_plain<T>(crow, col, val, xp, bias, y, cut[part], cut[part + 1]);
+      if (!done) gemv_plain<I, T>(crow, col, val, xp, s + n0, n0, n1);
+      finish_vector(s + n0, n1 - n0, bias != nullptr ? bias + n0 : nullptr, act);
+      if constexpr (!std::is_same_v<T, float>) {
+        for (int64_t n = n0; n < n1; ++n) store_value(y + n, s[n]);
+      }
     }
   });
 }
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
-  check_sparse_linear(x, crow_indices, col_indices, values, bias, out_features, /*blocked=*/false);
+                          const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features,
+                          c10::string_view activation, bool check_indices) {
+  check_sparse_linear(x, crow_indices, col_indices, values, bias, out_features, /*blocked=*/false, check_indices);
+  const Activation act = parse_activation(std::string(activation));
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0) return y;
@@ -251,21 +290,25 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   const at::Tensor vals = values.contiguous();
   const at::Tensor bias_f = bias.has_value() && bias->defined() ? contiguous_float(*bias) : at::Tensor();
   const float* b = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
-  const auto run = [&](auto tag) {
-    using T = decltype(tag);
+  const auto run = [&](auto value_tag, auto index_tag) {
+    using T = decltype(value_tag);
+    using I = decltype(index_tag);
+    const int32_t* cr = crow.const_data_ptr<int32_t>();
+    const I* cl = col.const_data_ptr<I>();
     if (M == 1) {
-      csr_gemv<T>(xc.const_data_ptr<T>(), K, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
-                  vals.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), N);
+      csr_gemv<T, I>(xc.const_data_ptr<T>(), K, cr, cl, vals.const_data_ptr<T>(), b, act, y.mutable_data_ptr<T>(), N);
     } else {
-      const at::Tensor vf = contiguous_float(vals);  // float32 values: no conversion in the inner loop
-      csr_tiles<T>(xc.const_data_ptr<T>(), M, K, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
-                   vf.const_data_ptr<float>(), b, y.mutable_data_ptr<T>(), N);
+      csr_tiles<T, I>(xc.const_data_ptr<T>(), M, K, cr, cl, vals.const_data_ptr<T>(), b, act, y.mutable_data_ptr<T>(),
+                      N);
     }
   };
+  const auto with_index = [&](auto value_tag) {
+    col.scalar_type() == at::kUInt16 ? run(value_tag, uint16_t{}) : run(value_tag, int32_t{});
+  };
   switch (x.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    default: run(c10::BFloat16{}); break;  // the only other dtype check_sparse_linear lets through
+    case at::kFloat: with_index(float{}); break;
+    case at::kHalf: with_index(c10::Half{}); break;
+    default: with_index(c10::BFloat16{}); break;  // the only other dtype check_sparse_linear lets through
   }
   return y;
 }
