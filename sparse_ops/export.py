@@ -7,10 +7,14 @@
     sparse_ops.load_exported(skeleton, "model.safetensors")
 
 export replaces, in place, the pruned nn.Linear layers of any model (a transformers model included)
-by SparseLinear; the weights are copied exactly (zeros are dropped, nothing is rounded). The saved
-file is safetensors: every tensor of model.state_dict() (tensors shared between names stored once),
-and in its metadata the plan {module name: {format, block_size, in, out, bias}} that load_exported
-applies to a freshly built dense skeleton before loading the tensors (strict).
+by SparseLinear; the weights are copied exactly (zeros are dropped, nothing is rounded). Where an
+exported linear feeds an exact GELU in a transformers-style intermediate block (a module whose only
+children are `dense` and `intermediate_act_fn`, as in BERT, RoBERTa and MiniLM), the GELU is fused
+into the sparse op's epilogue (SparseLinear(activation="gelu")) and `intermediate_act_fn` becomes
+nn.Identity; fuse_activations=False keeps them apart. The saved file is safetensors: every tensor of
+model.state_dict() (tensors shared between names stored once), and in its metadata the plan
+{module name: {format, block_size, in, out, bias, activation, fused}} that load_exported applies to a
+freshly built dense skeleton before loading the tensors (strict).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class LayerReport:
     ms: dict[str, float] = field(default_factory=dict)
     cached: bool = False
     note: str = ""  # why a layer was kept dense when it qualified (e.g. its weight is tied elsewhere)
+    activation: str = "none"  # "gelu": the GELU that followed the layer is fused into it
 
     @property
     def dense_ms(self) -> float | None:
@@ -82,7 +87,7 @@ class LayerReport:
         return {"name": self.name, "shape": [self.out_features, self.in_features], "sparsity": self.sparsity,
                 "format": self.format, "block_size": list(self.block_size) if self.block_size else None,
                 "ms": dict(self.ms), "dense_ms": self.dense_ms, "sparse_ms": self.sparse_ms,
-                "speedup": self.speedup, "cached": self.cached, "note": self.note}
+                "speedup": self.speedup, "cached": self.cached, "note": self.note, "activation": self.activation}
 
 
 @dataclass
@@ -124,7 +129,8 @@ class ExportReport:
             rows.append([row.name, f"{row.out_features}x{row.in_features}", f"{row.sparsity:.3f}", fmt,
                          ms(row.dense_ms)] + [ms(row.ms.get(c)) for c in candidates]
                         + [ms(row.sparse_ms), "" if row.speedup is None else f"{row.speedup:.2f}x",
-                           "cached" if row.cached else row.note])
+                           ", ".join(filter(None, ["cached" if row.cached else row.note,
+                                                   "+gelu" if row.activation != "none" else ""]))])
         totals = self.totals()
         rows.append(["total", "", "", f"{totals['exported']} of {totals['layers']} exported", ms(totals["dense_ms"])]
                     + [""] * len(candidates)
@@ -209,6 +215,36 @@ def _tied_weights(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> dic
     return tied
 
 
+_ACT_CHILD = "intermediate_act_fn"
+
+
+def _is_exact_gelu(module: nn.Module) -> bool:
+    """nn.GELU() (erf) or transformers' GELUActivation calling F.gelu: what the "gelu" epilogue computes."""
+    if isinstance(module, nn.GELU):
+        return module.approximate == "none"
+    return type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu
+
+
+def _fusable_gelus(model: nn.Module, names: set[str]) -> dict[str, str]:
+    """{linear name: name of the GELU module after it} for the linears among `names` that are the `dense`
+    of a transformers-style intermediate block: a module whose children are exactly `dense` and
+    `intermediate_act_fn` (an exact GELU), whose forward is act(dense(x))."""
+    fused = {}
+    for parent_name, parent in model.named_modules():
+        children = dict(parent.named_children())
+        if set(children) != {"dense", _ACT_CHILD} or not _is_exact_gelu(children[_ACT_CHILD]):
+            continue
+        linear_name = f"{parent_name}.dense" if parent_name else "dense"
+        if linear_name in names:
+            fused[linear_name] = f"{parent_name}.{_ACT_CHILD}" if parent_name else _ACT_CHILD
+    return fused
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     """Swap every reference to a replaced module (a module shared under several names included)."""
     for _, parent in model.named_modules(remove_duplicate=False):
@@ -219,7 +255,7 @@ def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> No
 
 def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32), tokens: int = 128,
            min_sparsity: float = 0.5, dtype: torch.dtype | None = None, timer: Timer | None = None,
-           cache: FormatCache | None = FORMAT_CACHE) -> nn.Module:
+           cache: FormatCache | None = FORMAT_CACHE, fuse_activations: bool = True) -> nn.Module:
     """Replace, in place, the pruned nn.Linear layers of `model` by SparseLinear and return the model,
     with its report in `model.sparse_ops_report` (ExportReport).
 
@@ -236,6 +272,8 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     whose first key matching a layer's name decides it ("auto" when none matches).
     dtype: convert the whole model to it first (None keeps the model's dtype).
     timer: timer(layer, x) -> ms, time_forward unless given. Weights and biases are copied bit for bit.
+    fuse_activations: fuse the exact GELU of transformers-style intermediate blocks into their exported
+    `dense` (see the module docstring); the report marks those layers "+gelu".
     """
     format_rules, patterns, block_size = _check_export_args(model, format, patterns, block_size, tokens,
                                                             min_sparsity, dtype)
@@ -262,6 +300,9 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     if not selected:
         raise ValueError(f"every selected nn.Linear has a tied weight ({sorted(tied)}): a model with nothing to "
                          "export")
+    if not isinstance(fuse_activations, bool):
+        raise TypeError(f"fuse_activations must be a bool, got {type(fuse_activations).__name__}")
+    gelus = _fusable_gelus(model, selected) if fuse_activations else {}
     if dtype is not None:  # only now: a rejected export leaves the model untouched
         model.to(dtype)
         sparsities = {name: _sparsity(m.weight.detach()) for name, m in linears}
@@ -282,12 +323,16 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
                 fmt, ms, cached = choice.format, choice.ms, choice.cached
             else:
                 ms = measure_formats(weight, bias, tuple(dict.fromkeys(("dense", fmt))), block_size, tokens, timer)
-            replacements[id(linear)] = SparseLinear.from_dense(linear, fmt, block_size)
+            activation = "gelu" if name in gelus else "none"
+            replacements[id(linear)] = SparseLinear.from_dense(linear, fmt, block_size, activation=activation)
         except ValueError as exc:  # e.g. format "2:4" for a weight that is not: name the layer
             raise ValueError(f"export of {name} as {fmt!r}: {exc}") from None
         rows.append(LayerReport(name, out_features, in_features, sparsities[name], fmt,
-                                block_size if fmt == "bsr" else None, ms, cached))
+                                block_size if fmt == "bsr" else None, ms, cached, activation=activation))
     _replace_modules(model, replacements)
+    for act_name in gelus.values():  # its work is now the epilogue of the layer before it
+        _set_submodule(model, act_name, nn.Identity())
+    model.sparse_ops_fused = dict(gelus)
     first = linears[0][1].weight
     model.sparse_ops_report = ExportReport(rows, tokens, str(first.device), str(first.dtype).replace("torch.", ""))
     return model
@@ -297,8 +342,10 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
 # save / load
 # ----------------------------------------------------------------------------------------------
 def _plan(model: nn.Module) -> dict[str, dict]:
+    fused = getattr(model, "sparse_ops_fused", {})
     return {name: {"format": m.format, "block_size": list(m.block_size) if m.block_size else None,
-                   "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+                   "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                   "activation": m.activation, "fused": fused.get(name)}
             for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
@@ -372,8 +419,21 @@ def load_exported(model: nn.Module, path: str | os.PathLike, *, device: torch.de
                              f"{(spec['out'], spec['in'], spec['bias'])}")
         replacements[id(module)] = SparseLinear(spec["in"], spec["out"], spec["format"],
                                                 spec["block_size"] or (32, 32), bias=spec["bias"], dtype=dtype,
-                                                device=where)
+                                                device=where, activation=spec.get("activation", "none"))
+    fused = {name: spec["fused"] for name, spec in plan.items() if spec.get("fused")}
+    for name, act_name in fused.items():
+        try:
+            act = model.get_submodule(act_name)
+        except AttributeError:
+            raise ValueError(f"the file's plan fuses {act_name!r} into {name!r}, but model has no module "
+                             f"{act_name!r}: build model with the architecture that was exported") from None
+        if not (_is_exact_gelu(act) or isinstance(act, nn.Identity)):
+            raise ValueError(f"the file's plan fuses the GELU {act_name!r} into {name!r}, but model has a "
+                             f"{type(act).__name__} there")
     _replace_modules(model, replacements)
+    for act_name in fused.values():
+        _set_submodule(model, act_name, nn.Identity())
+    model.sparse_ops_fused = fused
     if device is not None:
         model.to(device)
     load_model(model, os.fspath(path), strict=True, device=str(device) if device is not None else "cpu")

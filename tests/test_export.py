@@ -297,6 +297,44 @@ def test_readme_export_snippet_runs_as_printed(tmp_path, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_intermediate_gelu_is_fused_into_the_sparse_op(fuse):
+    """BertIntermediate: dense + GELU become one SparseLinear(activation="gelu") and an nn.Identity;
+    with fuse_activations=False they stay apart. Either way the outputs meet the tolerance rule."""
+    masked = pruned_bert(seed=3)
+    exported = export(copy.deepcopy(masked), "csr", timer=FakeTimer(), fuse_activations=fuse)
+    for layer in exported.encoder.layer:
+        assert layer.intermediate.dense.activation == ("gelu" if fuse else "none")
+        assert isinstance(layer.intermediate.intermediate_act_fn, nn.Identity) is fuse
+        assert layer.attention.self.query.activation == "none" and layer.output.dense.activation == "none"
+    report = {row.name: row for row in exported.sparse_ops_report.layers}
+    assert report["encoder.layer.0.intermediate.dense"].activation == ("gelu" if fuse else "none")
+    assert ("+gelu" in str(exported.sparse_ops_report)) is fuse
+    check_matches_masked(exported, masked, batch(seed=4))
+
+
+def test_only_an_exact_gelu_is_fused():
+    """A tanh-approximated GELU, or an intermediate block that is not exported, is left alone."""
+    masked = pruned_bert(seed=5)
+    masked.encoder.layer[0].intermediate.intermediate_act_fn = nn.GELU(approximate="tanh")
+    exported = export(copy.deepcopy(masked), "csr", timer=FakeTimer(),
+                      patterns=[r"layer\.0\.intermediate\.dense$", r"layer\.1\.attention"])
+    assert exported.encoder.layer[0].intermediate.dense.activation == "none"
+    assert isinstance(exported.encoder.layer[0].intermediate.intermediate_act_fn, nn.GELU)
+    assert type(exported.encoder.layer[1].intermediate.dense) is nn.Linear
+    assert not isinstance(exported.encoder.layer[1].intermediate.intermediate_act_fn, nn.Identity)
+    check_matches_masked(exported, masked, batch(seed=6))
+
+
+def test_load_exported_refuses_a_fused_gelu_over_another_activation(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_exported(export(pruned_bert(seed=7), "csr", timer=FakeTimer()), path)
+    skeleton = BertModel(bert_config()).eval()
+    skeleton.encoder.layer[1].intermediate.intermediate_act_fn = nn.ReLU()
+    with pytest.raises(ValueError, match="fuses the GELU 'encoder.layer.1.intermediate.intermediate_act_fn'"):
+        load_exported(skeleton, path)
+
+
 # ----------------------------------------------------------------------------------------------
 # save / load
 # ----------------------------------------------------------------------------------------------
@@ -315,15 +353,18 @@ def test_safetensors_round_trip_is_bit_exact(tmp_path, dtype):
     save_exported(exported, path)
     plan = read_plan(path)
     assert plan["encoder.layer.0.attention.self.query"] == {"format": "csr", "block_size": None, "in": 64, "out": 64,
-                                                            "bias": True}
+                                                            "bias": True, "activation": "none", "fused": None}
     assert plan["encoder.layer.1.output.dense"]["block_size"] == list(BLOCK)
     assert plan["encoder.layer.0.intermediate.dense"]["format"] == "dense" and "pooler.dense" not in plan
+    assert plan["encoder.layer.0.intermediate.dense"]["activation"] == "gelu"
+    assert plan["encoder.layer.0.intermediate.dense"]["fused"] == "encoder.layer.0.intermediate.intermediate_act_fn"
     torch.manual_seed(123)
     skeleton = BertModel(bert_config()).eval().to(dtype)  # other random weights, dense
     loaded = load_exported(skeleton, path, device="cpu")
     assert loaded is skeleton
     assert {n: m.format for n, m in encoder_linears(loaded).items()} == {n: spec["format"] for n, spec in plan.items()}
     assert_same_state(loaded, exported)
+    assert isinstance(loaded.encoder.layer[1].intermediate.intermediate_act_fn, nn.Identity)
     inputs = batch(seed=12)
     for a, b in zip(outputs(loaded, inputs), outputs(exported, inputs)):
         assert torch.equal(a, b)
