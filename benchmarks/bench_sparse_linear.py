@@ -9,8 +9,10 @@ Per point (out × in shape, tokens M, dtype, sparsity s) the weight is random no
   * block-wise at random (fraction s of its b×b blocks zero) for the BSR formats,
 and every format computes y = x @ Wᵀ + bias on the same x:
   dense        F.linear with the dense (masked) weight
-  csr          torch.ops.sparse_ops.csr_linear (C++ on CPU, CUDA kernel on GPU)
-  bsr<b>       torch.ops.sparse_ops.bsr_linear with b×b blocks (C++ on CPU, Triton on GPU)
+  csr          SparseLinear(format="csr"), the layer export produces: torch.ops.sparse_ops.csr_linear
+               (C++ on CPU, called directly on indices validated once, uint16 columns when
+               in_features <= 65,536; CUDA kernel on GPU)
+  bsr<b>       SparseLinear(format="bsr") with b×b blocks (C++ on CPU, Triton on GPU)
   torch_csr    F.linear(x, W.to_sparse_csr()) + bias
   torch_bsr<b> F.linear(x, W.to_sparse_bsr((b, b))) + bias
   2:4          SparseLinear(format="2:4") on a 2:4 weight (the 2 largest |w| of every 4 kept, 50%
@@ -19,7 +21,11 @@ Timing: medians (p20/p80) over --repeats calls after warm-up, all formats of a p
 speedup = dense median / format median. check: max error against a float64 reference must be at most
 2× the error of dense F.linear in the same dtype (+ a floor of 1e-6·‖y‖∞ scaled per dtype), the
 flash-attention rule; a format that fails it is marked and must not be trusted.
-gbps: bytes the format must read (stored values + indices + x) and write (y) over the median time.
+Cost model, per row: flops = 2·M·(stored weights) (dense: 2·M·N·K; BSR counts its blocks' zeros);
+bytes = what the format must read at least once (stored values + index bytes as the kernel reads them
++ x) and write (y); intensity = flops / bytes; gflops and gbps = each over the median time. At 1
+token a layer is bound by bytes: 90% CSR reads (4 + 2) bytes per stored fp32 weight with uint16
+columns, 0.6 byte per dense weight against dense's 4 (6.7× less); at 128 tokens by flops.
 
 Output: benchmarks/results/<device>/sparse_linear.{json,csv} and one PNG per dtype of speedup vs
 sparsity, one subplot per shape, one line per format and token count.
@@ -36,7 +42,6 @@ import torch.nn.functional as F
 
 import sparse_ops  # noqa: F401  (registers torch.ops.sparse_ops)
 from sparse_ops import SparseLinear
-from sparse_ops.formats import dense_to_bsr, dense_to_csr
 from sparse_ops.ops import cpu_backend
 
 SHAPES = {  # name -> (out_features, in_features)
@@ -46,8 +51,8 @@ SHAPES = {  # name -> (out_features, in_features)
 TOKENS = (1, 16, 128, 2048)
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 FIELDS = ("bench", "shape", "out_features", "in_features", "tokens", "dtype", "sparsity", "format", "backend",
-          "time_ms", "p20_ms", "p80_ms", "gbps", "speedup_vs_dense", "check", "note", "device", "versions",
-          "commit", "date")
+          "time_ms", "p20_ms", "p80_ms", "speedup_vs_dense", "flops", "bytes", "intensity", "gflops", "gbps",
+          "index_bytes", "check", "note", "device", "versions", "commit", "date")
 # Defaults per device: the CPU grid leaves out what takes minutes per point there (LLM shapes at 2048
 # tokens, 16-bit dtypes, which torch.sparse cannot run on CPU).
 DEFAULTS = {
@@ -88,34 +93,39 @@ def block_of(fmt: str) -> int | None:
     return int(digits) if digits else None
 
 
+def layer_bytes(layer: SparseLinear) -> tuple[int, int]:
+    """(bytes of the weight as the forward reads it, bytes per column index) of a csr/bsr/2:4 layer."""
+    col = layer._fast[2] if layer._fast is not None else layer.col_indices
+    index_bytes = col.element_size()
+    return (layer.values.numel() * layer.values.element_size() + 4 * layer.crow_indices.numel()
+            + index_bytes * col.numel()), index_bytes
+
+
 def make_format(fmt: str, w: torch.Tensor, bias: torch.Tensor):
-    """(callable x -> y, bytes the weight occupies in that format)."""
-    out_f = w.shape[0]
+    """(callable x -> y, bytes of the weight as that format reads it, stored weights, bytes per index)."""
     if fmt == "dense":
-        return (lambda x: F.linear(x, w, bias)), w.numel() * w.element_size()
-    if fmt == "csr":
-        crow, col, vals = dense_to_csr(w)
-        nbytes = vals.numel() * vals.element_size() + 4 * (crow.numel() + col.numel())
-        return (lambda x: torch.ops.sparse_ops.csr_linear(x, crow, col, vals, bias, out_f)), nbytes
-    if fmt.startswith("bsr"):
-        crow, col, vals = dense_to_bsr(w, block_of(fmt))
-        nbytes = vals.numel() * vals.element_size() + 4 * (crow.numel() + col.numel())
-        return (lambda x: torch.ops.sparse_ops.bsr_linear(x, crow, col, vals, bias, out_f)), nbytes
+        return (lambda x: F.linear(x, w, bias)), w.numel() * w.element_size(), w.numel(), 0
+    if fmt == "csr" or fmt.startswith("bsr"):
+        layer = SparseLinear._from_weight(w, bias, "csr" if fmt == "csr" else "bsr", (block_of(fmt) or 32,) * 2)
+        weight_bytes, index_bytes = layer_bytes(layer)
+        return layer, weight_bytes, layer.nnz(), index_bytes
     if fmt == "2:4":  # SparseLinear: torch's semi-structured sparsity on CUDA fp16/bf16, else its CSR path
         layer = SparseLinear._from_weight(w, bias, "2:4", (32, 32))
-        path = "semi-structured" if layer._semi is not None else "csr"
-        nbytes = (w.numel() // 2 * w.element_size() + w.numel() // 8 if path == "semi-structured"
-                  else layer.values.numel() * w.element_size() + 4 * (layer.crow_indices.numel() + layer.nnz()))
-        return layer, nbytes
+        if layer._semi is not None:
+            return layer, w.numel() // 2 * w.element_size() + w.numel() // 8, w.numel() // 2, 0
+        weight_bytes, index_bytes = layer_bytes(layer)
+        return layer, weight_bytes, layer.nnz(), index_bytes
     if fmt == "torch_csr":
         ws = w.to_sparse_csr()
-        return (lambda x: F.linear(x, ws) + bias), ws.values().numel() * w.element_size()
+        nnz = ws.values().numel()
+        return (lambda x: F.linear(x, ws) + bias), nnz * w.element_size() + 8 * (nnz + w.shape[0] + 1), nnz, 8
     if fmt.startswith("torch_bsr"):
         b = block_of(fmt)
         ws = w.to_sparse_bsr((b, b)) if w.shape[0] % b == 0 and w.shape[1] % b == 0 else None
         if ws is None:
             raise ValueError(f"torch.sparse BSR needs a shape divisible by {b}, got {tuple(w.shape)}")
-        return (lambda x: F.linear(x, ws) + bias), ws.values().numel() * w.element_size()
+        nnz = ws.values().numel()
+        return (lambda x: F.linear(x, ws) + bias), nnz * w.element_size(), nnz, 8
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -150,9 +160,9 @@ def bench_point(args, env, shape_name, out_f, in_f, tokens, dtype, sparsity, for
             weights[pattern] = (two_four_weight(masked_weight(out_f, in_f, 0.0, None, dtype, device, gen))
                                 if pattern == "2:4" else masked_weight(out_f, in_f, sparsity, pattern, dtype, device, gen))
         w = weights[pattern]
-        timing, check, note, nbytes = None, "", "", 0
+        timing, check, note, nbytes, stored, index_bytes = None, "", "", 0, 0, 0
         try:
-            fn, nbytes = make_format(fmt, w, bias)
+            fn, nbytes, stored, index_bytes = make_format(fmt, w, bias)
             y = fn(x)
             ref64 = F.linear(x.double(), w.double(), bias.double())
             err, dense_err = max_error(y, ref64), max_error(F.linear(x, w, bias), ref64)
@@ -164,6 +174,8 @@ def bench_point(args, env, shape_name, out_f, in_f, tokens, dtype, sparsity, for
                 traceback.print_exc()
             note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         moved = nbytes + (x.numel() + tokens * out_f) * x.element_size()
+        flops = 2 * tokens * stored
+        seconds = timing.median_ms * 1e-3 if timing else None
         if fmt == "dense" and timing:
             dense_ms = timing.median_ms
         rows.append({"bench": "sparse_linear", "shape": shape_name, "out_features": out_f, "in_features": in_f,
@@ -172,8 +184,11 @@ def bench_point(args, env, shape_name, out_f, in_f, tokens, dtype, sparsity, for
                      "format": fmt, "backend": backend_of(fmt, device),
                      "time_ms": timing.median_ms if timing else None, "p20_ms": timing.p20_ms if timing else None,
                      "p80_ms": timing.p80_ms if timing else None,
-                     "gbps": moved / (timing.median_ms * 1e-3) / 1e9 if timing else None,
-                     "speedup_vs_dense": None, "check": check, "note": note, **env})
+                     "speedup_vs_dense": None, "flops": flops, "bytes": moved,
+                     "intensity": flops / moved if moved else None,
+                     "gflops": flops / seconds / 1e9 if seconds else None,
+                     "gbps": moved / seconds / 1e9 if seconds else None, "index_bytes": index_bytes,
+                     "check": check, "note": note, **env})
     for r in rows:
         if dense_ms and r["time_ms"]:
             r["speedup_vs_dense"] = dense_ms / r["time_ms"]
@@ -223,7 +238,7 @@ def plot(rows: list[dict], path: str, dtype: str, title: str) -> None:
 
 def print_rows(rows: list[dict]) -> None:
     cols = [("shape", 13), ("tokens", 6), ("dtype", 8), ("sparsity", 8), ("format", 11), ("backend", 12),
-            ("time_ms", 9), ("speedup_vs_dense", 8), ("gbps", 7), ("check", 6)]
+            ("time_ms", 9), ("speedup_vs_dense", 8), ("intensity", 9), ("gflops", 7), ("gbps", 7), ("check", 6)]
     print(" ".join(n[:w].ljust(w) for n, w in cols))
     for r in rows:
         cells = [("-" if r[n] is None or r[n] == "" else f"{r[n]:.4g}" if isinstance(r[n], float) else str(r[n]))[:w]
