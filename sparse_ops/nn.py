@@ -36,7 +36,7 @@ from torch import nn
 
 from . import formats, reference
 from ._extension import has_cpu_kernel, has_cuda_kernel
-from .ops import ACTIVATIONS
+from .ops import ACTIVATIONS, NARROW_INDEX_LIMIT
 
 FORMATS = ("bsr", "csr", "2:4", "dense")
 AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; auto_formats adds 2:4 on CUDA
@@ -45,7 +45,6 @@ _SEMI_DTYPES = (torch.float16, torch.bfloat16)
 _INDEX_BUFFERS = ("crow_indices", "col_indices")
 _COMPRESSED = ("crow_indices", "col_indices", "values")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_NARROW_INDEX_LIMIT = 1 << 16  # uint16 column indices address in_features <= 65,536
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -494,7 +493,7 @@ class SparseLinear(nn.Module):
         op = "csr_linear_cpu" if self.format in _ROW_COMPRESSED else "bsr_linear_cpu"
         if self.device.type == "cpu" and self.dtype != torch.float64 and has_cpu_kernel(f"sparse_ops::{op}"):
             col = self.col_indices
-            if self.format in _ROW_COMPRESSED and self.in_features <= _NARROW_INDEX_LIMIT:
+            if self.format in _ROW_COMPRESSED and self.in_features <= NARROW_INDEX_LIMIT:
                 col = col.to(torch.uint16)
             self._fast = (getattr(torch.ops.sparse_ops, op), self.crow_indices, col, self.values, self.bias)
         if self.format != "2:4":

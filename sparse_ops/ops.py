@@ -221,7 +221,7 @@ def _fused_prune_step_impl(weight, grad, scores, mask, histogram, score_exp_avg=
 # csr_linear / bsr_linear (inference)
 # ---------------------------------------------------------------------------------------------
 _SPARSE_LINEAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_NARROW_INDEX_LIMIT = 1 << 16  # uint16 col_indices address in_features <= 65,536
+NARROW_INDEX_LIMIT = 1 << 16  # uint16 col_indices address in_features <= 65,536
 
 
 def _check_sparse_linear(fmt, x, crow, col, values, bias, out_features, activation):
@@ -240,8 +240,8 @@ def _check_sparse_linear(fmt, x, crow, col, values, bias, out_features, activati
             extra = " (csr col_indices: or uint16)" if name == "col_indices" and fmt == "csr" else ""
             raise TypeError(f"{name} must be a 1-D int32 tensor{extra} (convert with .to(torch.int32)), got "
                             f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
-    if col.dtype == torch.uint16 and x.shape[-1] > _NARROW_INDEX_LIMIT:
-        raise ValueError(f"col_indices: uint16 indices address in_features <= {_NARROW_INDEX_LIMIT}, got "
+    if col.dtype == torch.uint16 and x.shape[-1] > NARROW_INDEX_LIMIT:
+        raise ValueError(f"col_indices: uint16 indices address in_features <= {NARROW_INDEX_LIMIT}, got "
                          f"in_features={x.shape[-1]}; use int32")
     for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values), ("bias", bias)):
         if t is not None and t.device != x.device:
