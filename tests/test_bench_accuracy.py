@@ -1,0 +1,61 @@
+"""benchmarks/bench_accuracy.py's plan and summaries: several learning rates, each cell reported at the
+rate with the best dev accuracy (every method tuned the same way), the tuning table, the targets."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_accuracy as B  # noqa: E402
+
+
+def parse(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["bench_accuracy.py", "--device", "cpu", *argv])
+    return B.parse_args()
+
+
+def row(method, lr, dev, test, sparsity=0.9, distill="dense", seed=0):
+    return {"method": method, "granularity": "element", "block_size": None,
+            "sparsity_target": 0.0 if method == "dense" else sparsity, "seed": seed, "steps": 1000,
+            "train_subset": None, "lr": lr, "batch_size": 32, "max_length": 64,
+            "distill": None if method == "dense" else distill, "accuracy_dev": dev, "accuracy_test": test,
+            "sparsity": 0.0 if method == "dense" else sparsity, "test_examples": 1363}
+
+
+def test_plan_runs_every_lr_with_its_own_dense_teacher(monkeypatch):
+    args = parse(monkeypatch, "--lr", "5e-5,2e-4", "--settings", "element:0.9", "--methods", "dense,mgpp",
+                 "--distill", "on")
+    plan = B.planned_runs(args)
+    assert [(p["method"], p["lr"]) for p in plan] == [("dense", 5e-5), ("dense", 2e-4), ("mgpp", 5e-5),
+                                                      ("mgpp", 2e-4)]
+    assert B.dense_dir(args, 0, 5e-5) != B.dense_dir(args, 0, 2e-4)
+    assert parse(monkeypatch).lr == [2e-4]  # the default
+
+
+def test_each_cell_takes_the_lr_with_the_best_dev_accuracy():
+    rows = [row("dense", 5e-5, 0.80, 0.84), row("dense", 2e-4, 0.83, 0.85),
+            row("mgpp", 5e-5, 0.78, 0.90), row("mgpp", 2e-4, 0.76, 0.70),  # dev decides, not test
+            row("magnitude", 2e-4, 0.70, 0.72)]
+    agg = B.aggregate(rows)
+    assert agg[("dense", False, "element", 0.0)]["lr"] == 2e-4
+    assert agg[("mgpp", True, "element", 0.9)]["lr"] == 5e-5
+    assert agg[("mgpp", True, "element", 0.9)]["mean"] == pytest.approx(0.90)
+    assert agg[("magnitude", True, "element", 0.9)]["lr"] == 2e-4  # the only one run
+    table = B.tuning_table(rows)
+    assert "| mgpp, distilled | 90% | **78.0 / 90.0** | 76.0 / 70.0 |" in table
+    assert "| magnitude, distilled | 90% | – | **70.0 / 72.0** |" in table
+
+
+def test_markdown_names_the_chosen_lr_and_checks_the_targets(monkeypatch):
+    args = parse(monkeypatch, "--lr", "5e-5,2e-4", "--settings", "element:0.9")
+    rows = [row("dense", 2e-4, 0.83, 0.85), row("mgpp", 2e-4, 0.80, 0.84), row("magnitude", 2e-4, 0.78, 0.80),
+            row("mgpp", 5e-5, 0.75, 0.78)]
+    text = B.markdown(rows, args, {"device": "cpu", "date": "2026-12-01"})
+    assert "chosen per cell by dev accuracy among 5e-5, 2e-4" in text
+    assert "| mgpp, distilled | 84.0 (lr 2e-4) |" in text
+    assert "MGPP − dense = -1.0 points (target ≥ −2): met" in text
+    assert "MGPP − magnitude = +4.0 points (target > 0): met" in text
+    assert "Learning rate, chosen per cell by dev accuracy" in text
