@@ -23,10 +23,12 @@ runs' models (the teachers) are kept under <out>/.accuracy_init/ (not committed)
 re-trained. Also writes accuracy.png and accuracy.md (the table for the README), both from the rows of
 the current budget. --quick: a smoke run (tiny budget, evaluation subsets) written to accuracy_quick.*.
 
-Learning rate: --lr takes several rates; every run is then made at each, and every table cell reports
-the test accuracy at the rate with the best mean dev accuracy (every method tuned the same way, on
-dev), with a second table of dev / test per rate. A distilled run's teacher is the dense run at its
-own rate and seed.
+Learning rate: --lr takes several rates. Every method then runs at each rate on the tuning setting
+(--tune-on, default 90% per element, distilled) and dense at each; once a method's tuning runs are
+done, its other runs (other settings, undistilled) are made at the rate with its best mean dev
+accuracy there (every method tuned the same way, on dev; test is reported). Table cells report test
+accuracy at that rate, with a second table of dev / test per rate. A distilled run's teacher is the
+dense run at its own rate and seed.
 
 Defaults: 1000 steps (3.15 epochs of the 10,150 training snippets) at lr 2e-4 on both devices (of
 5e-5, the papers' rate, and 2e-4, 2e-4 had the better dev accuracy for every method at 90%: see the
@@ -72,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", default=None,
                    help="AdamW learning rate(s), comma-separated (default 2e-4). With several, every run is made "
                         "at each, and each table cell reports test accuracy at the rate with the best dev accuracy")
+    p.add_argument("--tune-on", default="element:0.9",
+                   help="with several --lr: the setting where every method runs at each lr (distilled under the "
+                        "plan); each method then runs every other setting at its lr with the best dev accuracy here")
     p.add_argument("--distill", choices=("plan", "on", "off"), default="plan",
                    help="plan: every pruned run distilled from the dense run, plus MGPP and magnitude per element "
                         "without; on / off: every pruned run with / without")
@@ -99,32 +104,72 @@ def parse_args() -> argparse.Namespace:
     if any(g not in ("element", "block") or not 0 < s < 1 for g, s in args.settings):
         p.error(f"--settings must be granularity:sparsity pairs with element|block and 0 < sparsity < 1, "
                 f"got {args.settings}")
+    granularity, sparsity = args.tune_on.split(":")
+    args.tune_on = (granularity, float(sparsity))
+    if args.tune_on not in args.settings:
+        p.error(f"--tune-on {args.tune_on} must be one of --settings {args.settings}")
     args.out = args.out or os.path.join(C.REPO_ROOT, "benchmarks", "results", C.device_kind(args.device))
     return args
 
 
-def planned_runs(args) -> list[dict]:
-    """Every (method, setting, distillation, seed) of the sweep, dense once per seed and first."""
+def _runs(args, method: str, settings, lr: float, seed: int) -> list[dict]:
     runs = []
-    for seed, lr in ((seed, lr) for seed in args.seeds for lr in args.lr):
+    for granularity, sparsity in ([("element", 0.0)] if method == "dense" else settings):
+        if method == "dense":
+            distills = [None]
+        elif args.distill == "plan":
+            distills = [TEACHER] + ([None] if method in UNDISTILLED and granularity == "element" else [])
+        else:
+            distills = [TEACHER if args.distill == "on" else None]
+        for distill in distills:
+            runs.append({"method": method, "granularity": granularity,
+                         "block_size": list(BLOCK) if granularity == "block" else None,
+                         "sparsity_target": sparsity, "seed": seed, "steps": args.steps,
+                         "train_subset": args.train_subset, "lr": lr, "batch_size": args.batch_size,
+                         "max_length": args.max_length, "distill": distill})
+    return runs
+
+
+def chosen_lrs(args, rows: list[dict]) -> dict[str, float]:
+    """{method: the lr with the best mean dev accuracy on the tuning setting} for the methods whose tuning
+    runs (every lr, every seed, distilled where the plan distils) are all done; with one lr, that lr."""
+    if len(args.lr) == 1:
+        return {method: args.lr[0] for method in args.methods}
+    done = {key(r): r for r in rows}
+    chosen = {}
+    for method in args.methods:
+        dev = {}
+        for lr in args.lr:
+            tuning = [r for seed in args.seeds for r in _runs(args, method, [args.tune_on], lr, seed)
+                      if method == "dense" or r["distill"] == (TEACHER if args.distill != "off" else None)]
+            if not all(key(r) in done for r in tuning):
+                break
+            dev[lr] = statistics.mean(done[key(r)]["accuracy_dev"] for r in tuning)
+        else:
+            chosen[method] = max(args.lr, key=lambda lr: (dev[lr], -args.lr.index(lr)))
+    return chosen
+
+
+def planned_runs(args, rows: list[dict] = ()) -> list[dict]:
+    """Every run of the sweep: each method at every --lr on the tuning setting (--tune-on, and dense),
+    then at the other settings (and undistilled) at the lr chosen for it there by dev accuracy, once its
+    tuning runs are done (chosen_lrs); dense first. With one lr, every run at it."""
+    runs = []
+    chosen = chosen_lrs(args, list(rows))
+    for seed in args.seeds:
         for method in args.methods:
-            for granularity, sparsity in ([("element", 0.0)] if method == "dense" else args.settings):
-                if method == "dense":
-                    distills = [None]
-                elif args.distill == "plan":
-                    distills = [TEACHER] + ([None] if method in UNDISTILLED and granularity == "element" else [])
-                else:
-                    distills = [TEACHER if args.distill == "on" else None]
-                for distill in distills:
-                    runs.append({"method": method, "granularity": granularity,
-                                 "block_size": list(BLOCK) if granularity == "block" else None,
-                                 "sparsity_target": sparsity, "seed": seed, "steps": args.steps,
-                                 "train_subset": args.train_subset, "lr": lr, "batch_size": args.batch_size,
-                                 "max_length": args.max_length, "distill": distill})
-    # what the targets need first: dense (the teacher), then the distilled runs per element, the
-    # undistilled ones, and the blocks last
+            for lr in args.lr:
+                tuned = method == "dense" or len(args.lr) == 1
+                settings = args.settings if tuned else [args.tune_on]
+                runs += [r for r in _runs(args, method, settings, lr, seed) if tuned or r["distill"] is not None
+                         or args.distill == "off"]
+            if method != "dense" and len(args.lr) > 1 and method in chosen:
+                tuning = {key(r) for r in runs}
+                runs += [r for r in _runs(args, method, args.settings, chosen[method], seed) if key(r) not in tuning]
+    # what the targets need first: dense (the teacher), then the distilled runs per element (MGPP and
+    # magnitude, which the targets compare, before movement), the undistilled ones, and the blocks last
     return sorted(runs, key=lambda r: (r["seed"], r["method"] != "dense", r["granularity"] == "block",
-                                       r["distill"] is None, r["sparsity_target"]))
+                                       r["distill"] is None, r["sparsity_target"], r["method"] not in UNDISTILLED))
 
 
 def key(row: dict) -> tuple:
@@ -372,13 +417,17 @@ def main() -> None:
     name = "accuracy_quick" if args.quick else "accuracy"
     json_path = os.path.join(args.out, name + ".json")
     rows = load_rows(json_path)
-    done = {key(r) for r in rows}
-    plan = planned_runs(args)
-    teachers = {(p["seed"], p["lr"]) for p in plan if p["distill"] and key(p) not in done}
-    todo = [p for p in plan if key(p) not in done
-            or (p["method"] == "dense" and (p["seed"], p["lr"]) in teachers
-                and not os.path.isdir(dense_dir(args, p["seed"], p["lr"])))]
-    print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {json_path}; device {env['device']}",
+
+    def remaining(plan):
+        done = {key(r) for r in rows}
+        teachers = {(p["seed"], p["lr"]) for p in plan if p["distill"] and key(p) not in done}
+        return [p for p in plan if key(p) not in done
+                or (p["method"] == "dense" and (p["seed"], p["lr"]) in teachers
+                    and not os.path.isdir(dense_dir(args, p["seed"], p["lr"])))]
+
+    plan = planned_runs(args, rows)
+    todo = remaining(plan)
+    print(f"{len(plan)} runs planned so far, {len(plan) - len(todo)} already in {json_path}; device {env['device']}",
           flush=True)
     splits = data.rotten_tomatoes(seed=0)
     if args.eval_subset:
@@ -387,19 +436,24 @@ def main() -> None:
     tokenizer = data.load_tokenizer()
     cache: dict = {}
     os.makedirs(args.out, exist_ok=True)
-    for i, p in enumerate(todo):
+    table, i = None, 0
+    while todo:  # one run at a time, re-planned after each: a finished tuning decides the lr of the rest
+        p, i = todo[0], i + 1
         if (p["train_subset"], p["seed"]) not in cache:  # the subset depends on the seed
             cache[(p["train_subset"], p["seed"])] = finetune.tokenize_splits(splits, tokenizer, args.max_length,
                                                                              p["train_subset"], p["seed"])
         started = time.perf_counter()
-        print(f"[{i + 1}/{len(todo)}] {p['method']} {setting_label(p['granularity'], p['sparsity_target'])} "
-              f"seed {p['seed']} ...", flush=True)
+        print(f"[{i}, {len(todo) - 1} more planned] {p['method']} "
+              f"{setting_label(p['granularity'], p['sparsity_target'])}{'' if p['distill'] else ' undistilled'} "
+              f"seed {p['seed']} lr {lr_text(p['lr'])} ...", flush=True)
         row = run_one(p, args, splits, tokenizer, cache[(p["train_subset"], p["seed"])], env)
         rows = [r for r in rows if key(r) != key(row)] + [row]
         print(f"    test {row['accuracy_test']:.4f}  dev {row['accuracy_dev']:.4f}  sparsity {row['sparsity']:.2%}  "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
+        plan = planned_runs(args, rows)
+        todo = remaining(plan)
         table = write(rows, plan, args, env, name)  # after every run: an interrupted sweep keeps what it measured
-    if not todo:  # nothing ran: refresh the table from the rows already there
+    if i == 0:  # nothing ran: refresh the table from the rows already there
         table = write(rows, plan, args, env, name)
     if table is None:
         print("nothing to summarise")

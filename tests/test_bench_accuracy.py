@@ -35,6 +35,22 @@ def test_plan_runs_every_lr_with_its_own_dense_teacher(monkeypatch):
     assert parse(monkeypatch).lr == [2e-4]  # the default
 
 
+def test_the_other_settings_run_at_the_lr_chosen_on_the_tuning_setting(monkeypatch):
+    args = parse(monkeypatch, "--lr", "5e-5,2e-4", "--settings", "element:0.9,element:0.97",
+                 "--methods", "dense,mgpp,magnitude")
+    before = B.planned_runs(args, [])
+    assert {(p["method"], p["sparsity_target"], p["distill"]) for p in before} == {
+        ("dense", 0.0, None), ("mgpp", 0.9, "dense"), ("magnitude", 0.9, "dense")}  # tuning only, at both lrs
+    rows = [row("dense", 5e-5, 0.80, 0.84), row("dense", 2e-4, 0.83, 0.85),
+            row("mgpp", 5e-5, 0.76, 0.78), row("mgpp", 2e-4, 0.79, 0.81),
+            row("magnitude", 5e-5, 0.77, 0.79)]  # magnitude's 2e-4 run not done: its lr is not chosen yet
+    assert B.chosen_lrs(args, rows) == {"dense": 2e-4, "mgpp": 2e-4}
+    plan = B.planned_runs(args, rows)
+    rest = {(p["method"], p["sparsity_target"], p["distill"], p["lr"]) for p in plan} - {
+        (p["method"], p["sparsity_target"], p["distill"], p["lr"]) for p in before}
+    assert rest == {("mgpp", 0.97, "dense", 2e-4), ("mgpp", 0.9, None, 2e-4), ("mgpp", 0.97, None, 2e-4)}
+
+
 def test_each_cell_takes_the_lr_with_the_best_dev_accuracy():
     rows = [row("dense", 5e-5, 0.80, 0.84), row("dense", 2e-4, 0.83, 0.85),
             row("mgpp", 5e-5, 0.78, 0.90), row("mgpp", 2e-4, 0.76, 0.70),  # dev decides, not test
