@@ -36,7 +36,7 @@ from torch import nn
 
 from . import formats, reference
 from ._extension import has_cpu_kernel, has_cuda_kernel
-from .ops import ACTIVATIONS, NARROW_INDEX_LIMIT
+from .ops import ACTIVATIONS, NARROW_INDEX_LIMIT, forced_backend
 
 FORMATS = ("bsr", "csr", "2:4", "dense")
 AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; auto_formats adds 2:4 on CUDA
@@ -431,7 +431,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
         fast = self._fast
         if (fast is not None and x.is_cpu and not torch.compiler.is_compiling()
-                and not (x.requires_grad and torch.is_grad_enabled())):
+                and not (x.requires_grad and torch.is_grad_enabled()) and forced_backend() is None):
             if not self._buffers_unchanged():  # assigned or written to since: validate them again, once
                 self._check_compressed(self.crow_indices, self.col_indices, self.values)
                 self._build_derived()
@@ -450,7 +450,7 @@ class SparseLinear(nn.Module):
         if self.format == "dense" or self._semi is not None:
             y = F.linear(x, self.weight if self._semi is None else self._semi, self.bias)
             return y if self.activation == "none" else F.gelu(y)
-        # traced, on another device, differentiated, or buffers written to since validation: the op checks all
+        # traced, on another device, differentiated, or a backend forced (use_backend): the op checks all
         op = torch.ops.sparse_ops.csr_linear if self.format in _ROW_COMPRESSED else torch.ops.sparse_ops.bsr_linear
         return op(x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features, self.activation)
 

@@ -96,6 +96,11 @@ def use_backend(backend: str | None):
         _forced["backend"] = previous
 
 
+def forced_backend() -> str | None:
+    """The backend use_backend forces now, or None."""
+    return _forced["backend"]
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     if _forced["backend"] is not None:
         return _forced["backend"] == "triton" and t.dtype != torch.float64
