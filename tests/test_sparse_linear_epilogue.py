@@ -232,3 +232,19 @@ def test_compiled_forward_with_activation():
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), layer(x))
     assert sparse_ops.SparseLinear is SparseLinear
+
+
+def test_a_forced_backend_bypasses_the_direct_call(monkeypatch):
+    """use_backend("reference") reaches the reference kernel: the fast path does not skip the dispatch."""
+    from sparse_ops import reference
+
+    calls = []
+    original = reference.csr_linear_ref
+    monkeypatch.setattr(reference, "csr_linear_ref", lambda *args: calls.append(1) or original(*args))
+    weight, bias, g = pruned(8, 10, 0.5, torch.float32, seed=10)
+    layer = SparseLinear.from_dense(_linear(weight, bias), format="csr")
+    x = torch.randn(3, 10, generator=g)
+    with use_backend("reference"):
+        y = layer(x)
+    assert calls == [1]
+    assert_tolerance(y, F.linear(x.double(), weight.double(), bias.double()), F.linear(x, weight, bias), "reference")
