@@ -11,9 +11,11 @@ by SparseLinear; the weights are copied exactly (zeros are dropped, nothing is r
 exported linear feeds an exact GELU in a transformers-style intermediate block (a module whose only
 children are `dense` and `intermediate_act_fn`, as in BERT, RoBERTa and MiniLM), the GELU is fused
 into the sparse op's epilogue (SparseLinear(activation="gelu")) and `intermediate_act_fn` becomes
-nn.Identity; fuse_activations=False keeps them apart. The saved file is safetensors: every tensor of
+nn.Identity; fuse_activations=False keeps them apart. The query, key and value linears of an
+attention module, exported in one compressed format, run on CPU as one op over their stacked rows
+(sparse_ops.stacked; stack_qkv=False keeps them apart). The saved file is safetensors: every tensor of
 model.state_dict() (tensors shared between names stored once), and in its metadata the plan
-{module name: {format, block_size, in, out, bias, activation, fused}} that load_exported applies to a
+{module name: {format, block_size, in, out, bias, activation, fused, stacked}} that load_exported applies to a
 freshly built dense skeleton before loading the tensors (strict).
 """
 
@@ -39,6 +41,7 @@ from .nn import (
     choose_format,
     measure_formats,
 )
+from .stacked import StackedLinears, unstackable
 
 EXPORT_FORMATS = ("auto",) + FORMATS
 KEPT_DENSE = "kept dense"
@@ -67,6 +70,7 @@ class LayerReport:
     cached: bool = False
     note: str = ""  # why a layer was kept dense when it qualified (e.g. its weight is tied elsewhere)
     activation: str = "none"  # "gelu": the GELU that followed the layer is fused into it
+    stacked_with: tuple[str, ...] = ()  # the group (itself included) computed as one op over stacked rows
 
     @property
     def dense_ms(self) -> float | None:
@@ -87,7 +91,8 @@ class LayerReport:
         return {"name": self.name, "shape": [self.out_features, self.in_features], "sparsity": self.sparsity,
                 "format": self.format, "block_size": list(self.block_size) if self.block_size else None,
                 "ms": dict(self.ms), "dense_ms": self.dense_ms, "sparse_ms": self.sparse_ms,
-                "speedup": self.speedup, "cached": self.cached, "note": self.note, "activation": self.activation}
+                "speedup": self.speedup, "cached": self.cached, "note": self.note, "activation": self.activation,
+                "stacked_with": list(self.stacked_with)}
 
 
 @dataclass
@@ -130,7 +135,8 @@ class ExportReport:
                          ms(row.dense_ms)] + [ms(row.ms.get(c)) for c in candidates]
                         + [ms(row.sparse_ms), "" if row.speedup is None else f"{row.speedup:.2f}x",
                            ", ".join(filter(None, ["cached" if row.cached else row.note,
-                                                   "+gelu" if row.activation != "none" else ""]))])
+                                                   "+gelu" if row.activation != "none" else "",
+                                                   "stacked" if row.stacked_with else ""]))])
         totals = self.totals()
         rows.append(["total", "", "", f"{totals['exported']} of {totals['layers']} exported", ms(totals["dense_ms"])]
                     + [""] * len(candidates)
@@ -240,6 +246,25 @@ def _fusable_gelus(model: nn.Module, names: set[str]) -> dict[str, str]:
     return fused
 
 
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
+
+
+def _qkv_siblings(model: nn.Module, names: set[str]) -> list[tuple[str, ...]]:
+    """The (query, key, value) name triples among `names` that are children of one attention module
+    (named query/key/value, q_proj/k_proj/v_proj or q/k/v), nn.Linear layers of one in_features."""
+    groups = []
+    for parent_name, parent in model.named_modules():
+        children = dict(parent.named_children())
+        for trio in _QKV_NAMES:
+            layers = [children.get(c) for c in trio]
+            if not all(type(m) is nn.Linear for m in layers) or len({m.in_features for m in layers}) != 1:
+                continue
+            full = tuple(f"{parent_name}.{c}" if parent_name else c for c in trio)
+            if all(n in names for n in full) and len({id(m) for m in layers}) == len(layers):
+                groups.append(full)
+    return groups
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -255,7 +280,8 @@ def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> No
 
 def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32), tokens: int = 128,
            min_sparsity: float = 0.5, dtype: torch.dtype | None = None, timer: Timer | None = None,
-           cache: FormatCache | None = FORMAT_CACHE, fuse_activations: bool = True) -> nn.Module:
+           cache: FormatCache | None = FORMAT_CACHE, fuse_activations: bool = True,
+           stack_qkv: bool = True) -> nn.Module:
     """Replace, in place, the pruned nn.Linear layers of `model` by SparseLinear and return the model,
     with its report in `model.sparse_ops_report` (ExportReport).
 
@@ -274,6 +300,10 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     timer: timer(layer, x) -> ms, time_forward unless given. Weights and biases are copied bit for bit.
     fuse_activations: fuse the exact GELU of transformers-style intermediate blocks into their exported
     `dense` (see the module docstring); the report marks those layers "+gelu".
+    stack_qkv: where the query, key and value linears of an attention module are all exported in one
+    compressed format (csr/2:4, or bsr), compute them on CPU as one op over their stacked rows
+    (sparse_ops.stacked.StackedLinears: x read and packed once, one kernel call instead of three; the
+    modules and their state_dict stay as they are). The report marks them "stacked".
     """
     format_rules, patterns, block_size = _check_export_args(model, format, patterns, block_size, tokens,
                                                             min_sparsity, dtype)
@@ -300,8 +330,9 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     if not selected:
         raise ValueError(f"every selected nn.Linear has a tied weight ({sorted(tied)}): a model with nothing to "
                          "export")
-    if not isinstance(fuse_activations, bool):
-        raise TypeError(f"fuse_activations must be a bool, got {type(fuse_activations).__name__}")
+    for flag, value in (("fuse_activations", fuse_activations), ("stack_qkv", stack_qkv)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
     gelus = _fusable_gelus(model, selected) if fuse_activations else {}
     if dtype is not None:  # only now: a rejected export leaves the model untouched
         model.to(dtype)
@@ -329,6 +360,14 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
             raise ValueError(f"export of {name} as {fmt!r}: {exc}") from None
         rows.append(LayerReport(name, out_features, in_features, sparsities[name], fmt,
                                 block_size if fmt == "bsr" else None, ms, cached, activation=activation))
+    if stack_qkv:
+        by_name = {row.name: row for row in rows}
+        for names in _qkv_siblings(model, selected):
+            layers = [replacements[id(model.get_submodule(n))] for n in names]
+            if unstackable(layers) is None:
+                StackedLinears(layers).prepare()
+                for n in names:
+                    by_name[n].stacked_with = names
     _replace_modules(model, replacements)
     for act_name in gelus.values():  # its work is now the epilogue of the layer before it
         _set_submodule(model, act_name, nn.Identity())
@@ -343,9 +382,16 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
 # ----------------------------------------------------------------------------------------------
 def _plan(model: nn.Module) -> dict[str, dict]:
     fused = getattr(model, "sparse_ops_fused", {})
+    names = {id(m): name for name, m in model.named_modules()}
+
+    def stacked(m: SparseLinear):
+        if m._stack is None or not all(id(x) in names for x in m._stack[0].members):
+            return None
+        return [names[id(x)] for x in m._stack[0].members]
+
     return {name: {"format": m.format, "block_size": list(m.block_size) if m.block_size else None,
                    "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                   "activation": m.activation, "fused": fused.get(name)}
+                   "activation": m.activation, "fused": fused.get(name), "stacked": stacked(m)}
             for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
@@ -437,4 +483,6 @@ def load_exported(model: nn.Module, path: str | os.PathLike, *, device: torch.de
     if device is not None:
         model.to(device)
     load_model(model, os.fspath(path), strict=True, device=str(device) if device is not None else "cpu")
+    for names in {tuple(spec["stacked"]) for spec in plan.values() if spec.get("stacked")}:
+        StackedLinears([model.get_submodule(n) for n in names]).prepare()
     return model.eval()

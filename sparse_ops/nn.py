@@ -312,6 +312,7 @@ class SparseLinear(nn.Module):
             shape = (0,) if row_compressed else (0, br, bc)
             self.register_buffer("values", torch.zeros(shape, **kw))
         self.register_buffer("bias", torch.zeros(out_features, **kw) if bias else None)
+        self._stack = None  # (StackedLinears, index) when computed with siblings reading the same input
         self._build_derived()
 
     def __getstate__(self):
@@ -320,6 +321,7 @@ class SparseLinear(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_stack", None)
         self._build_derived()
 
     # ------------------------------------------------------------------------------------------
@@ -438,6 +440,11 @@ class SparseLinear(nn.Module):
                 fast = self._fast
             kernel, crow, col, values, bias = fast
             if x.dtype == values.dtype:
+                if self._stack is not None:  # one kernel call for the siblings reading this x (sparse_ops.stacked)
+                    group, index = self._stack
+                    y = group.forward(index, x)
+                    if y is not None:
+                        return y
                 # one op call: the C++ kernel on validated buffers (it skips the O(nnz) index check)
                 if x.dim() == 2:
                     return kernel(x, crow, col, values, bias, self.out_features, self.activation, False)

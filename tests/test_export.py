@@ -353,7 +353,9 @@ def test_safetensors_round_trip_is_bit_exact(tmp_path, dtype):
     save_exported(exported, path)
     plan = read_plan(path)
     assert plan["encoder.layer.0.attention.self.query"] == {"format": "csr", "block_size": None, "in": 64, "out": 64,
-                                                            "bias": True, "activation": "none", "fused": None}
+                                                            "bias": True, "activation": "none", "fused": None,
+                                                            "stacked": [f"encoder.layer.0.attention.self.{n}"
+                                                                        for n in ("query", "key", "value")]}
     assert plan["encoder.layer.1.output.dense"]["block_size"] == list(BLOCK)
     assert plan["encoder.layer.0.intermediate.dense"]["format"] == "dense" and "pooler.dense" not in plan
     assert plan["encoder.layer.0.intermediate.dense"]["activation"] == "gelu"
