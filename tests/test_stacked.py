@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import copy
 import pickle
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _tolerance import assert_tolerance
 from conftest import FLOAT_DTYPES
+from test_export import BLOCK, FakeTimer, batch, outputs, pruned_bert
 from test_sparse_linear_epilogue import _linear, needs_kernel, pruned
 
 from sparse_ops import SparseLinear, export, load_exported, save_exported
 from sparse_ops.stacked import StackedLinears
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_export import BLOCK, FakeTimer, batch, outputs, pruned_bert  # noqa: E402
 
 
 def members(fmt, dtype, in_features=45, outs=(31, 17, 40), density=0.3, seed=0):
@@ -208,7 +204,7 @@ def test_rounds_are_per_thread():
 
 @needs_kernel
 def test_copies_keep_their_own_group():
-    layers, dense = members("csr", torch.float32)
+    layers, _ = members("csr", torch.float32)
     holder = torch.nn.ModuleList(layers)
     StackedLinears(layers)
     x = torch.randn(4, 45)
