@@ -33,7 +33,8 @@ from sparse_ops.config import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 from sparse_ops.reference import block_keys_ref, expand_block_mask
 
 FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format", "dense_ms", "dense_p20_ms",
-          "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "formats_chosen", "check",
+          "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "qkv_apart_ms",
+          "qkv_stacking_gain", "formats_chosen", "check",
           *_peers.FIELDS, "device", "versions", "commit", "date")
 DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
             "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
@@ -144,8 +145,11 @@ def main() -> None:
             for sparsity in [float(s) for s in args.sparsities.split(",")]:
                 dense = copy.deepcopy(base)
                 magnitude_prune(dense, sparsity, gran, args.block)
-                exported = sparse_ops.export(copy.deepcopy(dense), format=fmt, block_size=(args.block, args.block),
-                                             tokens=shapes[0][0] * shapes[0][1], min_sparsity=0.0)
+                export_args = {"format": fmt, "block_size": (args.block, args.block),
+                               "tokens": shapes[0][0] * shapes[0][1], "min_sparsity": 0.0}
+                exported = sparse_ops.export(copy.deepcopy(dense), **export_args)
+                # the same export with Q, K and V as three ops: what stacking them gains, side by side
+                apart = sparse_ops.export(copy.deepcopy(dense), **export_args, stack_qkv=False)
                 chosen = sorted({str(r.get("format")) for r in exported.sparse_ops_report.to_dict()["layers"]})
                 for batch, seq in shapes:
                     if (args.device == "cpu" and name == "bert-base" and batch * seq > CPU_BERT_MAX_TOKENS
@@ -156,25 +160,32 @@ def main() -> None:
                     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                     with torch.inference_mode():
                         ref = dense(**inputs).last_hidden_state.float()
-                        err = (exported(**inputs).last_hidden_state.float() - ref).abs().max().item()
+                        err = max((m(**inputs).last_hidden_state.float() - ref).abs().max().item()
+                                  for m in (exported, apart))
                         scale = ref.abs().max().item()
                         td, ts = time_model(dense, inputs, args), time_model(exported, inputs, args)
+                        ta = time_model(apart, inputs, args)
                     tol = 1e-4 if dtype == torch.float32 else 3e-2
                     row = {"bench": "model", "model": name, "granularity": gran, "sparsity": sparsity,
                            "batch": batch, "seq": seq, "format": fmt, "dense_ms": td.median_ms,
                            "dense_p20_ms": td.p20_ms, "dense_p80_ms": td.p80_ms, "sparse_ms": ts.median_ms,
                            "sparse_p20_ms": ts.p20_ms, "sparse_p80_ms": ts.p80_ms,
-                           "speedup": td.median_ms / ts.median_ms, "formats_chosen": ",".join(chosen),
+                           "speedup": td.median_ms / ts.median_ms, "qkv_apart_ms": ta.median_ms,
+                           "qkv_stacking_gain": ta.median_ms / ts.median_ms, "formats_chosen": ",".join(chosen),
                            "check": ("ok" if err <= tol * max(scale, 1.0) else "FAIL") + f" max err {err:.2e}",
                            **env}
                     rows.append(row)
                     print(f"{name:9} {gran:7} s={sparsity:.2f} {batch}x{seq:<4} {fmt:4} dense {td.median_ms:9.2f} ms"
-                          f"  exported {ts.median_ms:9.2f} ms  speedup {row['speedup']:.2f}x  [{row['check']}]",
+                          f"  exported {ts.median_ms:9.2f} ms  speedup {row['speedup']:.2f}x"
+                          f"  (q,k,v apart {ta.median_ms:.2f} ms)  [{row['check']}]",
                           flush=True)
                     if args.peers:
                         row.update(_peers.run_peers(dense, inputs, ref, tol, ts.median_ms, args))
                         print(_peers.describe(row), flush=True)
-    notes = C.busy_note() + [f"dtype {dtype}; attention, embeddings and LayerNorm stay dense in every row; the intermediate GELU is fused into its sparse layer (export fuse_activations=True)"]
+    notes = C.busy_note() + [
+        f"dtype {dtype}; attention, embeddings and LayerNorm stay dense in every row; the intermediate GELU is fused "
+        "into its sparse layer (export fuse_activations=True) and Q, K, V run as one stacked op (stack_qkv=True); "
+        "qkv_apart_ms times the same export with stack_qkv=False"]
     notes += _peers.notes() if args.peers else []
     base_path = C.write_rows(rows, args.out, "model" + ("_quick" if args.quick else ""), meta=C.run_meta(env, args),
                              notes=notes, fields=FIELDS)
