@@ -183,9 +183,9 @@ def main() -> None:
                         row.update(_peers.run_peers(dense, inputs, ref, tol, ts.median_ms, args))
                         print(_peers.describe(row), flush=True)
     notes = C.busy_note() + [
-        f"dtype {dtype}; attention, embeddings and LayerNorm stay dense in every row; the intermediate GELU is fused "
-        "into its sparse layer (export fuse_activations=True) and Q, K, V run as one stacked op (stack_qkv=True); "
-        "qkv_apart_ms times the same export with stack_qkv=False"]
+        (f"dtype {dtype}; attention, embeddings and LayerNorm stay dense in every row; the intermediate GELU is fused "
+         "into its sparse layer (export fuse_activations=True) and Q, K, V run as one stacked op (stack_qkv=True); "
+         "qkv_apart_ms times the same export with stack_qkv=False")]
     notes += _peers.notes() if args.peers else []
     base_path = C.write_rows(rows, args.out, "model" + ("_quick" if args.quick else ""), meta=C.run_meta(env, args),
                              notes=notes, fields=FIELDS)
