@@ -12,7 +12,8 @@
 // Numerics: float32, float16 and bfloat16; products and sums in float32 (fused multiply-adds on the
 // AVX2 path), the bias added in float32 and the result rounded once to x.dtype; the order of the
 // sums differs from PyTorch's dense F.linear (results agree to rounding). fp16/bf16 values are
-// converted to float32 on every call (a copy of the weight; csr_linear reads them as stored).
+// converted to float32 one block row at a time, into a per-thread buffer of that row's blocks, just
+// before its products: the weight is never converted (nor copied) as a whole.
 //
 // Algorithm (see common.h, "sparse linear layers"): block rows are split between threads by stored
 // blocks.
@@ -179,16 +180,35 @@ void dots(const BlockRow& a, const float* xm, float* out) {
   dots_plain(a, xm, out);
 }
 
+template <typename T>
 struct Bsr {
   const int32_t* crow;
   const int32_t* col;
-  const float* val;
+  const T* val;  // as stored: float32, float16 or bfloat16
   int64_t br, bc, block_rows;
 };
 
+// Block row i of w as a BlockRow over float32 values: float32 values in place; fp16/bf16 ones
+// converted into `scratch` (this row's blocks only), with the row's columns and blocks renumbered
+// from 0.
+template <typename T>
+BlockRow block_row_at(const Bsr<T>& w, int64_t i, int64_t K, int64_t rows, std::vector<float>& scratch) {
+  const int64_t b0 = w.crow[i], b1 = w.crow[i + 1];
+  if constexpr (std::is_same_v<T, float>) {
+    return BlockRow{w.col, w.val, b0, b1, w.br, w.bc, K, rows, nullptr, nullptr};
+  } else {
+    const int64_t n = (b1 - b0) * w.br * w.bc;
+    if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(n);
+    const T* src = w.val + b0 * w.br * w.bc;
+    for (int64_t e = 0; e < n; ++e) scratch[e] = static_cast<float>(load_value(src + e));
+    return BlockRow{w.col + b0, scratch.data(), 0, b1 - b0, w.br, w.bc, K, rows, nullptr, nullptr};
+  }
+}
+
 // M ≥ kMaxDotTokens + 1: panels of 16 tokens; per block row, every tile.
 template <typename T>
-void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr& w, const float* bias, Activation act, T* y, int64_t N) {
+void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr<T>& w, const float* bias, Activation act, T* y,
+               int64_t N) {
   const TokenTiles tiles = make_token_tiles(M, kTileTokens);
   at::Tensor panels = at::empty({tiles.panel_floats(K)}, at::kFloat);
   pack_panels<T>(x, K, tiles, panels.data_ptr<float>());
@@ -196,14 +216,16 @@ void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr& w, const float* bias
   const std::vector<int64_t> cut = split_rows_by_entries(w.crow, w.block_rows, parts, 1);
   at::Tensor acc = at::empty({parts, w.br * kTileTokens}, at::kFloat);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;  // fp16/bf16: the current block row's values as float32
     for (int64_t part = begin; part < end; ++part) {
       float* part_acc = acc.data_ptr<float>() + part * w.br * kTileTokens;  // rows × W floats
       for (int64_t i = cut[part]; i < cut[part + 1]; ++i) {
         const int64_t n0 = i * w.br, rows = std::min(w.br, N - n0);
+        BlockRow a = block_row_at(w, i, K, rows, scratch);
+        a.acc = part_acc;
         for (int64_t j = 0; j < tiles.count; ++j) {
           const int64_t W = tiles.padded(j);
-          const BlockRow a{w.col, w.val, w.crow[i], w.crow[i + 1], w.br, w.bc, K, rows,
-                           panels.data_ptr<float>() + tiles.begin(j) * K, part_acc};
+          a.panel = panels.data_ptr<float>() + tiles.begin(j) * K;
           block_row(a, W);
           if (act == Activation::kNone) {
             store_tile<T>(a.acc, W, n0, n0 + rows, tiles.begin(j), tiles.size(j), bias, y, N);
@@ -219,16 +241,16 @@ void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr& w, const float* bias
 
 // M ≤ kMaxDotTokens: dot products; xf is x as contiguous float32 (M, K).
 template <typename T>
-void bsr_dots(const at::Tensor& xf, const Bsr& w, const float* bias, Activation act, T* y, int64_t N) {
+void bsr_dots(const at::Tensor& xf, const Bsr<T>& w, const float* bias, Activation act, T* y, int64_t N) {
   const int64_t M = xf.size(0), K = xf.size(1);
   const int64_t parts = worth_threads(M * static_cast<int64_t>(w.crow[w.block_rows]) * w.br * w.bc);
   const std::vector<int64_t> cut = split_rows_by_entries(w.crow, w.block_rows, parts, 1);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> out(w.br);
+    std::vector<float> out(w.br), scratch;
     for (int64_t part = begin; part < end; ++part) {
       for (int64_t i = cut[part]; i < cut[part + 1]; ++i) {
         const int64_t n0 = i * w.br, rows = std::min(w.br, N - n0);
-        const BlockRow a{w.col, w.val, w.crow[i], w.crow[i + 1], w.br, w.bc, K, rows, nullptr, nullptr};
+        const BlockRow a = block_row_at(w, i, K, rows, scratch);
         for (int64_t m = 0; m < M; ++m) {
           dots(a, xf.const_data_ptr<float>() + m * K, out.data());
           for (int64_t r = 0; r < rows; ++r) {
@@ -250,13 +272,13 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0) return y;
   const at::Tensor xc = x.contiguous(), crow = crow_indices.contiguous(), col = col_indices.contiguous();
-  const at::Tensor vals = contiguous_float(values);  // float32 values: no conversion in the inner loops
+  const at::Tensor vals = values.contiguous();  // as stored (x's dtype): converted per block row, in the loops
   const at::Tensor bias_f = bias.has_value() && bias->defined() ? contiguous_float(*bias) : at::Tensor();
   const float* b = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
-  const Bsr w{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), vals.const_data_ptr<float>(),
-              values.size(1), values.size(2), crow.numel() - 1};
   const auto run = [&](auto tag) {
     using T = decltype(tag);
+    const Bsr<T> w{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), vals.const_data_ptr<T>(),
+                   values.size(1), values.size(2), crow.numel() - 1};
     if (M <= kMaxDotTokens) {
       bsr_dots<T>(contiguous_float(xc), w, b, act, y.mutable_data_ptr<T>(), N);
     } else {
