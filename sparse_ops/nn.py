@@ -47,6 +47,13 @@ _COMPRESSED = ("crow_indices", "col_indices", "values")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def tensor_version(t: torch.Tensor | None) -> int | None:
+    """t._version (bumped by every in-place write), or None for None and for inference tensors
+    (made under torch.inference_mode), which keep no version counter: for those only a new tensor
+    (identity) is noticed, not an in-place write."""
+    return None if t is None or t.is_inference() else t._version
+
+
 def _check_positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -479,11 +486,12 @@ class SparseLinear(nn.Module):
     def _buffer_state(self) -> tuple:
         bufs = self._buffers
         crow, col = bufs["crow_indices"], bufs["col_indices"]
-        return id(crow), crow._version, id(col), col._version, id(bufs["values"]), id(bufs["bias"])
+        return id(crow), tensor_version(crow), id(col), tensor_version(col), id(bufs["values"]), id(bufs["bias"])
 
     def _buffers_unchanged(self) -> bool:
         """The buffers are the very tensors validated last, and the indices were not written to since
-        (in-place writes bump a tensor's _version; assigning a new tensor changes its identity)."""
+        (in-place writes bump a tensor's _version; assigning a new tensor changes its identity;
+        inference tensors have no version: see tensor_version)."""
         return self._validated == self._buffer_state()
 
     def _build_derived(self) -> None:

@@ -14,7 +14,9 @@ Sharing is checked, never assumed: the result is reused only for the very tensor
 unmodified since (same object, same _version), once per member. When a member of an open round is
 called with another input (cross-attention: keys and values read the encoder's states), the group
 stops stacking for good and every member computes on its own: the outputs are always each member's
-own F.linear. Rounds are per thread.
+own F.linear. Rounds are per thread. Under torch.inference_mode, whose tensors keep no version
+counter, an input written in place between two members' calls is not noticed (attention modules
+never do that; see sparse_ops.nn.tensor_version).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import threading
 
 import torch
+
+from .nn import SparseLinear, tensor_version
 
 _ROW_COMPRESSED = ("csr", "2:4")
 
@@ -31,8 +35,6 @@ class StackedLinears:
     family (csr/2:4, or bsr with one block size). Each member gets `_stack = (group, index)`."""
 
     def __init__(self, members):
-        from .nn import SparseLinear
-
         members = list(members)
         if len(members) < 2 or not all(isinstance(m, SparseLinear) for m in members):
             raise TypeError("members must be two or more SparseLinear layers, got "
@@ -65,7 +67,7 @@ class StackedLinears:
         for m in self.members:
             for name in ("crow_indices", "col_indices", "values", "bias"):
                 t = m._buffers[name]
-                state += [id(t), None if t is None else t._version]
+                state += [id(t), tensor_version(t)]
         return tuple(state)
 
     def prepare(self) -> StackedLinears:
@@ -84,8 +86,6 @@ class StackedLinears:
         return self._fast
 
     def _build(self):
-        from .nn import SparseLinear
-
         for m in self.members:  # a sibling written to since its last call: validated first, as its own call would
             if not m._buffers_unchanged():
                 m._check_compressed(m.crow_indices, m.col_indices, m.values)
@@ -108,7 +108,7 @@ class StackedLinears:
         pending = getattr(local, "pending", None)
         if pending is not None:
             source, version, y, served = pending
-            if source is x and version == x._version and index not in served:
+            if source is x and version == tensor_version(x) and index not in served:
                 served.add(index)
                 if len(served) == len(self.members):
                     local.pending = None
@@ -126,7 +126,7 @@ class StackedLinears:
         y = kernel(flat, crow, col, values, bias, self.offsets[-1], "none", False)
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], self.offsets[-1])
-        local.pending = (x, x._version, y, {index})
+        local.pending = (x, tensor_version(x), y, {index})
         return self._columns(y, index)
 
     def _columns(self, y: torch.Tensor, index: int) -> torch.Tensor:

@@ -277,3 +277,20 @@ def test_export_stacks_only_one_format():
     assert not any(row.stacked_with for row in exported.sparse_ops_report.layers)
     with pytest.raises(TypeError, match="stack_qkv must be a bool"):
         export(copy.deepcopy(masked), "csr", stack_qkv="yes")
+
+
+@needs_kernel
+def test_under_inference_mode():
+    """Inference tensors keep no version counter: inputs and layers made under torch.inference_mode."""
+    with torch.inference_mode():
+        layers, dense = members("csr", torch.float32)
+        group = StackedLinears(layers)
+        counter = count_stacked_calls(group)
+        x = torch.randn(2, 3, 45)
+        for layer, (weight, bias) in zip(layers, dense):
+            assert_tolerance(layer(x), *reference(x, weight, bias), "inference mode")
+    assert counter.calls == 1
+    x = torch.randn(2, 3, 45)
+    with torch.inference_mode():
+        for layer, (weight, bias) in zip(layers, dense):
+            assert_tolerance(layer(x), *reference(x, weight, bias), "inference mode, a normal input")
