@@ -46,12 +46,16 @@ def private_format_cache(monkeypatch, tmp_path):
     FORMAT_CACHE.clear()
 
 
-def run_with_cpu_baseline(script: str) -> None:
-    """Run `script` in a fresh interpreter with SPARSE_OPS_CPU_BASELINE=1 (the C++ loops used on CPUs
-    without AVX2/FMA; the choice is made once per process) and tests/ on the path; it must print "ok"."""
+def run_in_fresh_process(script: str, **env: str) -> None:
+    """Run `script` in a fresh interpreter with `env` added to the environment (the C++ kernels read
+    their ISA switches once per process) and tests/ on the path; it must print "ok"."""
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, SPARSE_OPS_CPU_BASELINE="1",
-               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def run_with_cpu_baseline(script: str) -> None:
+    """`script` with SPARSE_OPS_CPU_BASELINE=1: the C++ loops used on CPUs without AVX2/FMA."""
+    run_in_fresh_process(script, SPARSE_OPS_CPU_BASELINE="1")

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tolerance import assert_tolerance
-from conftest import FLOAT_DTYPES, run_with_cpu_baseline
+from conftest import FLOAT_DTYPES, run_in_fresh_process, run_with_cpu_baseline
 
 from sparse_ops.formats import dense_to_csr
 from sparse_ops.ops import has_cpu_kernel, use_backend
@@ -31,7 +31,7 @@ needs_kernel = pytest.mark.skipif(not KERNEL and not REQUIRED,
 
 # (out_features, in_features): odd sizes, a single weight, a long row (several column chunks of a 64-token tile)
 SHAPES = [(37, 53), (1, 1), (5, 300), (20, 2000)]
-TOKENS = [1, 3, 8, 17, 64, 100, 300]
+TOKENS = [1, 3, 8, 16, 17, 32, 47, 64, 100, 300]  # tile widths 8..64: both the 8- and 16-lane loops
 
 
 def random_csr_weight(out_features, in_features, density, dtype, generator, empty_rows=(1,)):
@@ -180,13 +180,17 @@ from sparse_ops.formats import dense_to_csr
 from _tolerance import assert_tolerance
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for tokens, (n, k) in [(1, (37, 53)), (5, (37, 53)), (70, (20, 2000))]:
+    for tokens, (n, k) in [(1, (37, 53)), (5, (37, 53)), (16, (37, 53)), (30, (41, 77)), (47, (9, 300)),
+                           (70, (20, 2000)), (128, (40, 301))]:
         w = torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < 0.3)
         w = w.to(dtype)
         x = torch.randn(tokens, k, generator=g).to(dtype)
         b = torch.randn(n, generator=g).to(dtype)
-        y = torch.ops.sparse_ops.csr_linear_cpu(x, *dense_to_csr(w), b, n)
-        assert_tolerance(y, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b), f"{dtype} {tokens}")
+        crow, col, values = dense_to_csr(w)
+        ref64, same = F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b)
+        for index in (col, col.to(torch.uint16)):
+            y = torch.ops.sparse_ops.csr_linear_cpu(x, crow, index, values, b, n)
+            assert_tolerance(y, ref64, same, f"{dtype} {tokens} {index.dtype}")
 print("ok")
 """
 
@@ -195,6 +199,13 @@ print("ok")
 def test_plain_loop_path_without_avx2():
     """SPARSE_OPS_CPU_BASELINE=1 forces the loops that run on CPUs without AVX2/FMA."""
     run_with_cpu_baseline(_BASELINE_SCRIPT)
+
+
+@needs_kernel
+def test_avx2_path_on_avx512_cpus():
+    """SPARSE_OPS_CPU_ISA=avx2 keeps the 8-lane tile loop where AVX-512 would be used (every tile
+    width from 8 to 64 tokens, both index types); elsewhere it is the default path, tested again."""
+    run_in_fresh_process(_BASELINE_SCRIPT, SPARSE_OPS_CPU_ISA="avx2")
 
 
 def _triple(out_features=4, in_features=6):

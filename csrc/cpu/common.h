@@ -471,6 +471,27 @@ inline bool use_avx2_fma() {
 #endif
 }
 
+#ifdef SPARSE_OPS_AVX2_FMA
+#define SPARSE_OPS_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#endif
+
+// AVX-512F present on top of use_avx2_fma(), unless SPARSE_OPS_CPU_ISA=avx2 (tests compare the two):
+// the CSR tile kernel's 16-lane path.
+inline bool use_avx512() {
+#ifdef SPARSE_OPS_AVX2_FMA
+  static const bool yes = [] {
+    if (!use_avx2_fma()) return false;
+    const char* isa = std::getenv("SPARSE_OPS_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 constexpr int64_t kTokenLanes = 8;  // float32 lanes of an AVX register: tiles are multiples of 8 tokens
 
 struct TokenTiles {

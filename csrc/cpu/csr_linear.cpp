@@ -22,9 +22,10 @@
 //    w[n, k] is one broadcast multiply-add of panel row k into row n's accumulators, which stay in
 //    registers for the whole row. For cache locality the columns are walked in chunks: each thread
 //    passes over all its rows once per chunk of columns, so the chunk of the panel it reads (about
-//    64 KB) stays in L1/L2; per-row cursors remember where each row's next chunk starts (columns
+//    128 KB) stays in L2; per-row cursors remember where each row's next chunk starts (columns
 //    sorted within a row keep every pass short; unsorted columns still give the right result).
-// Without AVX2/FMA (or with SPARSE_OPS_CPU_BASELINE=1) the same steps run as plain loops.
+// With AVX-512F (and SPARSE_OPS_CPU_ISA unset or not "avx2") the M ≥ 2 multiply-adds use 16-lane
+// registers. Without AVX2/FMA (or with SPARSE_OPS_CPU_BASELINE=1) the same steps run as plain loops.
 #include <torch/library.h>
 
 #include <array>
@@ -36,7 +37,7 @@ namespace sparse_ops {
 namespace {
 
 constexpr int64_t kMaxTileTokens = 64;            // 8 AVX registers of accumulators per row
-constexpr int64_t kPanelChunkBytes = 64 * 1024;   // panel bytes one pass over the rows reads
+constexpr int64_t kPanelChunkBytes = 128 * 1024;  // panel bytes one pass over the rows reads (in L2)
 constexpr int64_t kStoreRows = 16;                // rows per write-back group
 
 // One pass over rows [0, rows) for the columns below `limit`: row r continues from cursor[r] up to
@@ -100,6 +101,46 @@ SPARSE_OPS_TARGET_AVX2_FMA void chunk_avx2(const ChunkArgs& a) {
       UNROLL for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[s][v]);
     }
     UNROLL for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + 8 * v, acc[0][v]);
+  }
+}
+
+// The same with 16-token zmm registers (W = 16·V tokens), for CPUs with AVX-512F: half the loads
+// and multiply-adds per stored weight (benchmarks/ceiling/csr_tile_ceiling.cpp: 1.3-1.5× the AVX2
+// loop on a 90%-sparse 3072×768 or 768×3072 layer).
+template <int V, typename I, typename VT>
+SPARSE_OPS_TARGET_AVX512 void chunk_avx512(const ChunkArgs& a) {
+  constexpr int64_t W = 16 * V;
+  constexpr int S = V >= 4 ? 1 : (V >= 2 ? 2 : 4);  // independent accumulator sets, as in chunk_avx2
+  const I* __restrict__ col = static_cast<const I*>(a.col);
+  const VT* __restrict__ val = static_cast<const VT*>(a.val);
+  const float* __restrict__ panel = a.panel;
+  const int64_t limit = a.limit;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float* __restrict__ out = a.acc + r * W;
+    __m512 acc[S][V];
+    UNROLL for (int v = 0; v < V; ++v) acc[0][v] = a.first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + 16 * v);
+    UNROLL for (int s = 1; s < S; ++s) {
+      UNROLL for (int v = 0; v < V; ++v) acc[s][v] = _mm512_setzero_ps();
+    }
+    int64_t p = a.cursor[r];
+    const int64_t end = a.row_end[r];
+    for (; p + S <= end && static_cast<int64_t>(col[p + S - 1]) < limit; p += S) {
+      UNROLL for (int s = 0; s < S; ++s) {
+        const __m512 w = _mm512_set1_ps(value_at(val, p + s));
+        const float* xk = panel + static_cast<int64_t>(col[p + s]) * W;
+        UNROLL for (int v = 0; v < V; ++v) acc[s][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + 16 * v), acc[s][v]);
+      }
+    }
+    for (; p < end && static_cast<int64_t>(col[p]) < limit; ++p) {
+      const __m512 w = _mm512_set1_ps(value_at(val, p));
+      const float* xk = panel + static_cast<int64_t>(col[p]) * W;
+      UNROLL for (int v = 0; v < V; ++v) acc[0][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + 16 * v), acc[0][v]);
+    }
+    a.cursor[r] = p;
+    UNROLL for (int s = 1; s < S; ++s) {
+      UNROLL for (int v = 0; v < V; ++v) acc[0][v] = _mm512_add_ps(acc[0][v], acc[s][v]);
+    }
+    UNROLL for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + 16 * v, acc[0][v]);
   }
 }
 #undef UNROLL
@@ -175,12 +216,22 @@ void gemv_plain(const int32_t* crow, const I* col, const VT* val, const float* x
   }
 }
 
-template <typename I, typename VT, int... Vs>
-constexpr std::array<ChunkFn, sizeof...(Vs) + 1> chunk_table(bool avx2) {
+// The chunk kernel for each tile width W = 8, 16, ..., 64 tokens, indexed by W / 8: with AVX-512,
+// the 16-lane loop for widths that are multiples of 16 and the AVX2 one for the others.
+template <typename I, typename VT>
+std::array<ChunkFn, 9> chunk_table() {
 #ifdef SPARSE_OPS_AVX2_FMA
-  if (avx2) return {nullptr, &chunk_avx2<Vs, I, VT>...};
+  if (use_avx512()) {
+    return {nullptr, &chunk_avx2<1, I, VT>, &chunk_avx512<1, I, VT>, &chunk_avx2<3, I, VT>, &chunk_avx512<2, I, VT>,
+            &chunk_avx2<5, I, VT>, &chunk_avx512<3, I, VT>, &chunk_avx2<7, I, VT>, &chunk_avx512<4, I, VT>};
+  }
+  if (use_avx2_fma()) {
+    return {nullptr, &chunk_avx2<1, I, VT>, &chunk_avx2<2, I, VT>, &chunk_avx2<3, I, VT>, &chunk_avx2<4, I, VT>,
+            &chunk_avx2<5, I, VT>, &chunk_avx2<6, I, VT>, &chunk_avx2<7, I, VT>, &chunk_avx2<8, I, VT>};
+  }
 #endif
-  return {nullptr, &chunk_plain<Vs, I, VT>...};
+  return {nullptr, &chunk_plain<1, I, VT>, &chunk_plain<2, I, VT>, &chunk_plain<3, I, VT>, &chunk_plain<4, I, VT>,
+          &chunk_plain<5, I, VT>, &chunk_plain<6, I, VT>, &chunk_plain<7, I, VT>, &chunk_plain<8, I, VT>};
 }
 
 // M ≥ 2: panels, column chunks, transposed write-back (see the file comment).
@@ -198,7 +249,7 @@ void csr_tiles(const T* x, int64_t M, int64_t K, const int32_t* crow, const I* c
 
   at::Tensor acc = at::empty({N * tiles.width}, at::kFloat);
   at::Tensor cursors = at::empty({N}, at::kLong);
-  const auto table = chunk_table<I, T, 1, 2, 3, 4, 5, 6, 7, 8>(use_avx2_fma());
+  const auto table = chunk_table<I, T>();
   const int64_t parts = worth_threads(M * static_cast<int64_t>(crow[N]));
   const std::vector<int64_t> cut = split_rows_by_entries(crow, N, parts, 8);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
