@@ -13,10 +13,10 @@ children are `dense` and `intermediate_act_fn`, as in BERT, RoBERTa and MiniLM),
 into the sparse op's epilogue (SparseLinear(activation="gelu")) and `intermediate_act_fn` becomes
 nn.Identity; fuse_activations=False keeps them apart. The query, key and value linears of an
 attention module, exported in one compressed format, run on CPU as one op over their stacked rows
-(sparse_ops.stacked; stack_qkv=False keeps them apart). The saved file is safetensors: every tensor of
-model.state_dict() (tensors shared between names stored once), and in its metadata the plan
-{module name: {format, block_size, in, out, bias, activation, fused, stacked}} that load_exported applies to a
-freshly built dense skeleton before loading the tensors (strict).
+(sparse_ops.stacked; stack_qkv=False keeps them apart). The saved file is safetensors: every tensor
+of model.state_dict() (tensors shared between names stored once), and in its metadata the plan
+{module name: {format, block_size, in, out, bias, activation, fused, stacked}} that load_exported
+applies to a freshly built dense skeleton before loading the tensors (strict).
 """
 
 from __future__ import annotations

@@ -25,9 +25,7 @@ import threading
 
 import torch
 
-from .nn import SparseLinear, tensor_version
-
-_ROW_COMPRESSED = ("csr", "2:4")
+from .nn import _ROW_COMPRESSED, SparseLinear, tensor_version
 
 
 class StackedLinears:
@@ -131,12 +129,6 @@ class StackedLinears:
 
     def _columns(self, y: torch.Tensor, index: int) -> torch.Tensor:
         return y[..., self.offsets[index]:self.offsets[index + 1]]
-
-    def release(self) -> None:
-        """Detach the members: each computes on its own again."""
-        for m in self.members:
-            m._stack = None
-        self.members, self._fast, self._state = [], None, None
 
 
 def unstackable(members) -> str | None:
