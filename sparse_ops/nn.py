@@ -54,6 +54,16 @@ def tensor_version(t: torch.Tensor | None) -> int | None:
     return None if t is None or t.is_inference() else t._version
 
 
+def call_fast(fast: tuple, x: torch.Tensor, out_features: int, activation: str = "none") -> torch.Tensor:
+    """One direct call of a CPU kernel on validated buffers (it skips the O(nnz) index check):
+    fast = (kernel, crow, col, values, bias), x (..., in_features) -> (..., out_features)."""
+    kernel, crow, col, values, bias = fast
+    if x.dim() == 2:
+        return kernel(x, crow, col, values, bias, out_features, activation, False)
+    y = kernel(x.reshape(-1, x.shape[-1]), crow, col, values, bias, out_features, activation, False)
+    return y.view(*x.shape[:-1], out_features)
+
+
 def _check_positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -441,23 +451,14 @@ class SparseLinear(nn.Module):
         fast = self._fast
         if (fast is not None and x.is_cpu and not torch.compiler.is_compiling()
                 and not (x.requires_grad and torch.is_grad_enabled()) and forced_backend() is None):
-            if not self._buffers_unchanged():  # assigned or written to since: validate them again, once
-                self._check_compressed(self.crow_indices, self.col_indices, self.values)
-                self._build_derived()
-                fast = self._fast
-            kernel, crow, col, values, bias = fast
-            if x.dtype == values.dtype:
+            fast = self._revalidate()
+            if x.dtype == fast[3].dtype:
                 if self._stack is not None:  # one kernel call for the siblings reading this x (sparse_ops.stacked)
                     group, index = self._stack
                     y = group.forward(index, x)
                     if y is not None:
                         return y
-                # one op call: the C++ kernel on validated buffers (it skips the O(nnz) index check)
-                if x.dim() == 2:
-                    return kernel(x, crow, col, values, bias, self.out_features, self.activation, False)
-                y = kernel(x.reshape(-1, self.in_features), crow, col, values, bias, self.out_features,
-                           self.activation, False)
-                return y.view(*x.shape[:-1], self.out_features)
+                return call_fast(fast, x, self.out_features, self.activation)
         if x.dtype != self.dtype:
             raise TypeError(f"x must have the layer's dtype {self.dtype}, got {x.dtype} (convert x, or the layer "
                             "with .to(dtype))")
@@ -493,6 +494,14 @@ class SparseLinear(nn.Module):
         (in-place writes bump a tensor's _version; assigning a new tensor changes its identity;
         inference tensors have no version: see tensor_version)."""
         return self._validated == self._buffer_state()
+
+    def _revalidate(self):
+        """The fast-path tuple, after validating the buffers again if they were assigned or written to
+        since the last validation (once: the next call finds them unchanged)."""
+        if not self._buffers_unchanged():
+            self._check_compressed(self.crow_indices, self.col_indices, self.values)
+            self._build_derived()
+        return self._fast
 
     def _build_derived(self) -> None:
         """What the forward derives from the (validated) buffers, rebuilt whenever the layer is built,

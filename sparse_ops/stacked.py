@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from .nn import _ROW_COMPRESSED, SparseLinear, tensor_version
+from .nn import _ROW_COMPRESSED, SparseLinear, call_fast, tensor_version
 
 
 class StackedLinears:
@@ -84,11 +84,8 @@ class StackedLinears:
         return self._fast
 
     def _build(self):
-        for m in self.members:  # a sibling written to since its last call: validated first, as its own call would
-            if not m._buffers_unchanged():
-                m._check_compressed(m.crow_indices, m.col_indices, m.values)
-                m._build_derived()
-        if not all(m._fast is not None for m in self.members):
+        # a sibling written to since its last call is validated first, as its own call would be
+        if not all(m._revalidate() is not None for m in self.members):
             return None
         first = self.members[0]
         weight = torch.cat([m.dense_weight() for m in self.members])
@@ -119,11 +116,7 @@ class StackedLinears:
         fast = self._stacked_kernel()
         if fast is None or x.dtype != fast[3].dtype:
             return None
-        kernel, crow, col, values, bias = fast
-        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = kernel(flat, crow, col, values, bias, self.offsets[-1], "none", False)
-        if x.dim() != 2:
-            y = y.view(*x.shape[:-1], self.offsets[-1])
+        y = call_fast(fast, x, self.offsets[-1])
         local.pending = (x, tensor_version(x), y, {index})
         return self._columns(y, index)
 
