@@ -3,7 +3,9 @@
 Timing: `warmup` untimed calls, then `repeats` timed calls; reported as median, 20th and 80th
 percentile in milliseconds. On CUDA each call is bracketed by CUDA events after a synchronize; on
 CPU by time.perf_counter. An optional `setup` runs before every call, outside the timed region
-(e.g. to restore gradients that the step overwrote in place).
+(e.g. to restore gradients that the step overwrote in place). Contenders compared in one row can be
+timed interleaved instead (time_interleaved: one call of each in turn per round), so that a machine
+whose speed drifts slows them all alike.
 
 Every row carries the device name, library versions, git commit and date, and is written to
 <out>/<name>.json (with the run's metadata and notes), <out>/<name>.csv and a PNG bar chart.
@@ -183,6 +185,26 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def call_ms(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one fn() call in ms (CUDA: events after a synchronize; CPU: time.perf_counter)."""
+    synchronize(device)
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def summarize(times_ms: list[float]) -> Timing:
+    q = torch.tensor(times_ms, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return Timing(*q.tolist())
+
+
 def time_fn(fn: Callable[[], object], device: str, *, warmup: int, repeats: int,
             setup: Callable[[], object] | None = None) -> Timing:
     """Median / p20 / p80 wall time of fn() in ms (see the module docstring)."""
@@ -190,22 +212,24 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int, repeats: int,
     for i in range(warmup + repeats):
         if setup is not None:
             setup()
-        synchronize(device)
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            elapsed = (time.perf_counter() - t0) * 1e3
+        elapsed = call_ms(fn, device)
         if i >= warmup:
             times.append(elapsed)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return Timing(*q.tolist())
+    return summarize(times)
+
+
+def time_interleaved(timers: dict[str, Callable[[], float]], *, warmup: int, repeats: int) -> dict[str, Timing]:
+    """{name: Timing} of contenders timed in turn, one call each per round (`warmup` untimed rounds, then
+    `repeats` timed ones): on a machine whose speed drifts, every contender sees the same drift, so their
+    ratios hold where timings taken one contender after another do not. A timer makes one call and returns
+    its ms (call_ms, or a peer process that times itself)."""
+    times = {name: [] for name in timers}
+    for i in range(warmup + repeats):
+        for name, timer in timers.items():
+            elapsed = timer()
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: summarize(t) for name, t in times.items()}
 
 
 def timed_first_call(fn: Callable[[], object], device: str) -> float:

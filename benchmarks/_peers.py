@@ -8,25 +8,31 @@ exporter (`torch.onnx.export(..., dynamo=False)`, opset 17) to an ONNX file with
 weights are in the file as plain zeros: DeepSparse finds and exploits them, ONNX Runtime does not.
 
 - ONNX Runtime: CPUExecutionProvider, GraphOptimizationLevel.ORT_ENABLE_ALL, intra-op threads =
-  torch.get_num_threads(), timed in this process with _common.time_fn.
+  torch.get_num_threads(), in this process.
 - DeepSparse 1.8.0 (needs Python <= 3.11 and numpy < 2): in its own virtual environment
   (SPARSE_OPS_DEEPSPARSE_VENV, default ~/.cache/sparse_ops/deepsparse-venv, made by
-  scripts/setup_peers.sh), driven through benchmarks/_deepsparse_worker.py as a subprocess with
-  NM_DISABLE_ANALYTICS=1 and num_cores = torch.get_num_threads().
+  scripts/setup_peers.sh), compiled once by benchmarks/_deepsparse_worker.py, a subprocess (with
+  NM_DISABLE_ANALYTICS=1 and num_cores = torch.get_num_threads()) that then times one call per request.
 
-Each peer's last_hidden_state is checked against torch dense's with bench_model's rule before it is
-timed (same warmup and repeats as the torch timings). Each peer returns {status, ms, p20, p80, check,
-reason, version}: status "ok" (timed), "FAIL" (output mismatch, not timed) or "skipped" (cannot be
-installed, imported or run: reason says why). A peer never fails the run.
+open_peers opens both: each peer's last_hidden_state is checked against torch dense's with bench_model's
+rule, and only a passing peer gets a timer (one call, its ms), which bench_model runs in turn with torch
+dense and the exported model (_common.time_interleaved: same warmup and repeats, same drift). Each peer's
+result is {status, ms, p20, p80, check, reason, version}: status "ok" (timed), "FAIL" (output mismatch,
+not timed) or "skipped" (cannot be installed, imported or run: reason says why). A peer never fails the
+run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import select
 import subprocess
 import tempfile
+import time
 import warnings
+from typing import Callable
 
 import _common as C
 import numpy as np
@@ -89,13 +95,22 @@ def _numpy_inputs(inputs: dict) -> dict:
     return {k: v.detach().cpu().numpy() for k, v in inputs.items()}
 
 
-def run_ort(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float, *, warmup: int, repeats: int,
-            threads: int) -> dict:
-    """Check, then time, ONNX Runtime on `onnx_path`."""
+@dataclasses.dataclass
+class Peer:
+    """A peer runtime opened on the model: `info` is its result() without times; `timer` (only when the
+    output passed its check) makes one call and returns its ms; close() frees the runtime."""
+    info: dict
+    timer: Callable[[], float] | None = None
+    close: Callable[[], None] = lambda: None
+
+
+def open_ort(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float, *, threads: int) -> Peer:
+    """ONNX Runtime on `onnx_path`, its output checked."""
     try:
         import onnxruntime as ort
     except Exception as e:  # noqa: BLE001  (any import failure is a reason to skip)
-        return result(reason=f"cannot import onnxruntime ({_error(e)}): pip install -e '.[peers]' or {SETUP_HINT}")
+        return Peer(result(reason=f"cannot import onnxruntime ({_error(e)}): pip install -e '.[peers]' or "
+                                  f"{SETUP_HINT}"))
     version = f"onnxruntime {ort.__version__}"
     try:
         so = ort.SessionOptions()
@@ -107,12 +122,11 @@ def run_ort(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float, *, warm
         feeds = {i.name: arrays[i.name] for i in session.get_inputs()}
         out = session.run(None, feeds)[0]
     except Exception as e:  # noqa: BLE001
-        return result(reason=f"onnxruntime could not run the model: {_error(e)}", version=version)
+        return Peer(result(reason=f"onnxruntime could not run the model: {_error(e)}", version=version))
     passed, check = check_output(out, ref.float().cpu().numpy(), tol)
     if not passed:
-        return result("FAIL", check=check, version=version)
-    t = C.time_fn(lambda: session.run(None, feeds), "cpu", warmup=warmup, repeats=repeats)
-    return result("ok", check=check, version=version, ms=t.median_ms, p20=t.p20_ms, p80=t.p80_ms)
+        return Peer(result("FAIL", check=check, version=version))
+    return Peer(result("ok", check=check, version=version), lambda: C.call_ms(lambda: session.run(None, feeds), "cpu"))
 
 
 def deepsparse_python(venv: str | None = None) -> str:
@@ -120,53 +134,108 @@ def deepsparse_python(venv: str | None = None) -> str:
     return os.path.join(venv, "bin", "python")
 
 
-def run_deepsparse(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float, *, warmup: int, repeats: int,
-                   threads: int, venv: str | None = None, timeout_s: float = DEEPSPARSE_TIMEOUT_S) -> dict:
-    """Check, then time, DeepSparse on `onnx_path` in its own environment (see _deepsparse_worker.py)."""
+def _read_json(proc: subprocess.Popen, timeout_s: float) -> dict:
+    """The worker's next JSON line (other output it prints is skipped); raises TimeoutError or EOFError."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            raise TimeoutError(f"the DeepSparse worker gave no answer within {timeout_s:.0f} s")
+        line = proc.stdout.readline()
+        if not line:
+            raise EOFError(f"the DeepSparse worker exited {proc.wait()}")
+        if line.startswith("{"):
+            return json.loads(line)
+
+
+def open_deepsparse(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float, *, threads: int,
+                    venv: str | None = None, timeout_s: float = DEEPSPARSE_TIMEOUT_S) -> Peer:
+    """DeepSparse on `onnx_path`, compiled and checked in its own environment by a _deepsparse_worker.py
+    that stays up to time one call per request."""
     python = deepsparse_python(venv)
     if not os.path.exists(python):
-        return result(reason=f"no DeepSparse environment at {os.path.dirname(os.path.dirname(python))}: "
-                             f"{SETUP_HINT}")
+        return Peer(result(reason=f"no DeepSparse environment at {os.path.dirname(os.path.dirname(python))}: "
+                                  f"{SETUP_HINT}"))
     with tempfile.TemporaryDirectory(prefix="sparse_ops_deepsparse_") as tmp:
         npz = os.path.join(tmp, "inputs.npz")
         np.savez(npz, ref=ref.float().cpu().numpy(), **_numpy_inputs(inputs))
-        cmd = [python, WORKER, "--onnx", onnx_path, "--inputs", npz, "--tol", repr(tol), "--warmup", str(warmup),
-               "--repeats", str(repeats), "--num-cores", str(threads)]
-        env = {**os.environ, "NM_DISABLE_ANALYTICS": "1"}
+        cmd = [python, WORKER, "--onnx", onnx_path, "--inputs", npz, "--tol", repr(tol), "--num-cores", str(threads)]
+        log = tempfile.TemporaryFile(mode="w+")  # DeepSparse's own logging; its last line explains a failure
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=timeout_s,
-                                  check=False)
-        except subprocess.TimeoutExpired:
-            return result(reason=f"the DeepSparse worker ran past {timeout_s:.0f} s")
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                    env={**os.environ, "NM_DISABLE_ANALYTICS": "1"}, cwd=HERE)
         except OSError as e:
-            return result(reason=f"cannot start {python}: {_error(e)}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            log.close()
+            return Peer(result(reason=f"cannot start {python}: {_error(e)}"))
+
+        def close() -> None:
+            if proc.poll() is None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()
+
+        try:
+            status = _read_json(proc, timeout_s)
+        except (TimeoutError, EOFError, json.JSONDecodeError) as e:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.seek(0)
+            tail = (log.read().strip().splitlines() or [""])[-1][:300]
+            close()
+            return Peer(result(reason=f"{e}: {tail}" if tail else str(e)))
+    info = {**result(), **status}
+    if info["status"] != "ok":
+        close()
+        return Peer(info)
+
+    def timer() -> float:
+        proc.stdin.write("run\n")
+        proc.stdin.flush()
+        return float(_read_json(proc, timeout_s)["ms"])
+
+    return Peer(info, timer, close)
+
+
+def measure(peer: Peer, *, warmup: int, repeats: int) -> dict:
+    """The peer's result() with its times (alone, not interleaved), and the peer closed."""
     try:
-        return {**result(), **json.loads(lines[-1])}
-    except (IndexError, json.JSONDecodeError):
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return result(reason=f"the DeepSparse worker exited {proc.returncode} without a result: {tail[:300]}")
+        if peer.timer is None:
+            return peer.info
+        t = C.time_interleaved({"peer": peer.timer}, warmup=warmup, repeats=repeats)["peer"]
+        return {**peer.info, "ms": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms}
+    finally:
+        peer.close()
 
 
-def run_peers(model, inputs: dict, ref: torch.Tensor, tol: float, sparse_ms: float, args) -> dict:
-    """Both peers on `model` (the pruned dense torch model) at the shapes of `inputs`: the row's FIELDS."""
+def open_peers(model, inputs: dict, ref: torch.Tensor, tol: float, device: str) -> dict[str, Peer]:
+    """Both peers opened on `model` (the pruned dense torch model) at the shapes of `inputs`: {name: Peer}."""
     threads = torch.get_num_threads()
-    if args.device != "cpu" or ref.dtype != torch.float32 or next(model.parameters()).dtype != torch.float32:
+    if device != "cpu" or ref.dtype != torch.float32 or next(model.parameters()).dtype != torch.float32:
         skipped = result(reason="the peers are CPU float32 runtimes (run with --device cpu --dtype float32)")
-        peers = {p: skipped for p in PEERS}
-    else:
-        with tempfile.TemporaryDirectory(prefix="sparse_ops_peers_") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            try:
-                export_onnx(model, inputs, path)
-            except Exception as e:  # noqa: BLE001
-                failed = result(reason=f"torch.onnx.export(dynamo=False) failed: {_error(e)}")
-                peers = {p: failed for p in PEERS}
-            else:
-                kw = {"warmup": args.warmup, "repeats": args.repeats, "threads": threads}
-                peers = {"ort": run_ort(path, inputs, ref, tol, **kw),
-                         "deepsparse": run_deepsparse(path, inputs, ref, tol, **kw)}
-    return row_fields(peers, sparse_ms)
+        return {p: Peer(skipped) for p in PEERS}
+    with tempfile.TemporaryDirectory(prefix="sparse_ops_peers_") as tmp:  # both have read the file when open
+        path = os.path.join(tmp, "model.onnx")
+        try:
+            export_onnx(model, inputs, path)
+        except Exception as e:  # noqa: BLE001
+            failed = result(reason=f"torch.onnx.export(dynamo=False) failed: {_error(e)}")
+            return {p: Peer(failed) for p in PEERS}
+        return {"ort": open_ort(path, inputs, ref, tol, threads=threads),
+                "deepsparse": open_deepsparse(path, inputs, ref, tol, threads=threads)}
+
+
+def with_times(peers: dict[str, Peer], timings: dict) -> dict[str, dict]:
+    """{name: result()} of opened peers, with the times of those timed (timings: {name: _common.Timing})."""
+    out = {}
+    for name, peer in peers.items():
+        t = timings.get(name)
+        out[name] = peer.info if t is None else {**peer.info, "ms": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms}
+    return out
 
 
 def notes() -> list[str]:

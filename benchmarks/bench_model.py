@@ -7,7 +7,9 @@ targets as sparse_ops.PruningConfig) are magnitude-pruned per matrix to each spa
 element (exported as CSR) or in 32×32 blocks by block L2 norm (exported as BSR), then
 `sparse_ops.export(model, format)` swaps them for SparseLinear. format "auto" lets export measure.
 Timing: model(input_ids, attention_mask) under torch.inference_mode, batch × sequence tokens, median
-(p20/p80) over --repeats calls, dense and exported side by side in one run. check: the exported
+(p20/p80) over --repeats calls; dense, exported, exported with Q/K/V apart and the peers are timed
+interleaved (one call of each in turn per round: _common.time_interleaved), so the drift of a noisy
+machine hits them all alike. check: the exported
 model's last hidden state matches the pruned dense model's (max abs error, relative to its scale).
 --peers: also ONNX Runtime and DeepSparse on the same pruned checkpoint and inputs, checked the same
 way, beside torch dense and the exported model in every row (benchmarks/_peers.py; install them with
@@ -79,8 +81,9 @@ def magnitude_prune(model, sparsity: float, granularity: str, block: int) -> Non
             w.mul_(expand_block_mask(keep.view_as(keys), tuple(w.shape), block, block))
 
 
-def time_model(model, inputs, args):
-    return C.time_fn(lambda: model(**inputs), args.device, warmup=args.warmup, repeats=args.repeats)
+def model_timer(model, inputs: dict, device: str):
+    """One timed model(**inputs) call, its ms (for _common.time_interleaved)."""
+    return lambda: C.call_ms(lambda: model(**inputs), device)
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -162,10 +165,19 @@ def main() -> None:
                         ref = dense(**inputs).last_hidden_state.float()
                         err = max((m(**inputs).last_hidden_state.float() - ref).abs().max().item()
                                   for m in (exported, apart))
-                        scale = ref.abs().max().item()
-                        td, ts = time_model(dense, inputs, args), time_model(exported, inputs, args)
-                        ta = time_model(apart, inputs, args)
+                    scale = ref.abs().max().item()
                     tol = 1e-4 if dtype == torch.float32 else 3e-2
+                    peers = _peers.open_peers(dense, inputs, ref, tol, args.device) if args.peers else {}
+                    timers = {name: model_timer(m, inputs, args.device)
+                              for name, m in (("dense", dense), ("sparse", exported), ("apart", apart))}
+                    timers.update({name: peer.timer for name, peer in peers.items() if peer.timer is not None})
+                    try:
+                        with torch.inference_mode():
+                            t = C.time_interleaved(timers, warmup=args.warmup, repeats=args.repeats)
+                    finally:
+                        for peer in peers.values():
+                            peer.close()
+                    td, ts, ta = t["dense"], t["sparse"], t["apart"]
                     row = {"bench": "model", "model": name, "granularity": gran, "sparsity": sparsity,
                            "batch": batch, "seq": seq, "format": fmt, "dense_ms": td.median_ms,
                            "dense_p20_ms": td.p20_ms, "dense_p80_ms": td.p80_ms, "sparse_ms": ts.median_ms,
@@ -174,13 +186,14 @@ def main() -> None:
                            "qkv_stacking_gain": ta.median_ms / ts.median_ms, "formats_chosen": ",".join(chosen),
                            "check": ("ok" if err <= tol * max(scale, 1.0) else "FAIL") + f" max err {err:.2e}",
                            **env}
+                    if args.peers:
+                        row.update(_peers.row_fields(_peers.with_times(peers, t), ts.median_ms))
                     rows.append(row)
                     print(f"{name:9} {gran:7} s={sparsity:.2f} {batch}x{seq:<4} {fmt:4} dense {td.median_ms:9.2f} ms"
                           f"  exported {ts.median_ms:9.2f} ms  speedup {row['speedup']:.2f}x"
                           f"  (q,k,v apart {ta.median_ms:.2f} ms)  [{row['check']}]",
                           flush=True)
                     if args.peers:
-                        row.update(_peers.run_peers(dense, inputs, ref, tol, ts.median_ms, args))
                         print(_peers.describe(row), flush=True)
     notes = C.busy_note() + [
         (f"dtype {dtype}; attention, embeddings and LayerNorm stay dense in every row; the intermediate GELU is fused "

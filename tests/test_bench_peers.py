@@ -4,17 +4,16 @@ its environment reported as skipped with a reason instead of raising."""
 
 import os
 import sys
-import types
 
 import pytest
 import torch
 from _tiny import one_thread  # noqa: F401  (autouse fixture)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import _common as C
 import _peers
 
 TOL = 1e-4  # bench_model's float32 tolerance
-ARGS = types.SimpleNamespace(device="cpu", warmup=1, repeats=2)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_onnx_export_has_static_shapes_and_torch_outputs(tiny, onnx_file):
 
 def test_ort_matches_torch_dense_and_is_timed(tiny, onnx_file):
     _, inputs, ref = tiny
-    r = _peers.run_ort(onnx_file, inputs, ref, TOL, warmup=1, repeats=2, threads=1)
+    r = _peers.measure(_peers.open_ort(onnx_file, inputs, ref, TOL, threads=1), warmup=1, repeats=2)
     assert r["status"] == "ok" and r["check"].startswith("ok max err"), r
     assert 0 < r["p20"] <= r["ms"] <= r["p80"]
     assert r["version"].startswith("onnxruntime ")
@@ -64,23 +63,32 @@ def test_ort_matches_torch_dense_and_is_timed(tiny, onnx_file):
 
 def test_ort_mismatch_is_fail_and_not_timed(tiny, onnx_file):
     _, inputs, ref = tiny
-    r = _peers.run_ort(onnx_file, inputs, ref + 1.0, TOL, warmup=1, repeats=2, threads=1)
+    peer = _peers.open_ort(onnx_file, inputs, ref + 1.0, TOL, threads=1)
+    assert peer.timer is None
+    r = _peers.measure(peer, warmup=1, repeats=2)
     assert r["status"] == "FAIL" and r["check"].startswith("FAIL max err") and r["ms"] is None, r
 
 
 def test_missing_deepsparse_env_is_skipped_with_a_reason(tiny, tmp_path, monkeypatch):
     _, inputs, ref = tiny
     monkeypatch.setenv("SPARSE_OPS_DEEPSPARSE_VENV", str(tmp_path / "no-such-venv"))
-    r = _peers.run_deepsparse(str(tmp_path / "unused.onnx"), inputs, ref, TOL, warmup=1, repeats=2, threads=1)
-    assert r["status"] == "skipped" and r["ms"] is None
+    peer = _peers.open_deepsparse(str(tmp_path / "unused.onnx"), inputs, ref, TOL, threads=1)
+    r = peer.info
+    assert peer.timer is None and r["status"] == "skipped" and r["ms"] is None
     assert "no-such-venv" in r["reason"] and "setup_peers.sh" in r["reason"]
 
 
-def test_run_peers_fills_the_row_and_never_raises(tiny, tmp_path, monkeypatch):
+def test_open_peers_fills_the_row_and_never_raises(tiny, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[peers]')")
     model, inputs, ref = tiny
     monkeypatch.setenv("SPARSE_OPS_DEEPSPARSE_VENV", str(tmp_path / "no-such-venv"))
-    row = _peers.run_peers(model, inputs, ref, TOL, 1.0, ARGS)
+    peers = _peers.open_peers(model, inputs, ref, TOL, "cpu")
+    timers = {name: peer.timer for name, peer in peers.items() if peer.timer is not None}
+    assert list(timers) == ["ort"]
+    timings = C.time_interleaved(timers, warmup=1, repeats=2)
+    for peer in peers.values():
+        peer.close()
+    row = _peers.row_fields(_peers.with_times(peers, timings), 1.0)
     assert set(row) == set(_peers.FIELDS)
     assert row["ort_status"].startswith("ok (onnxruntime ") and row["vs_ort"] == row["ort_ms"] > 0
     assert row["deepsparse_status"].startswith("skipped: no DeepSparse environment")
@@ -93,7 +101,29 @@ def test_deepsparse_matches_torch_dense_where_installed(tiny, onnx_file):
     if not os.path.exists(_peers.deepsparse_python()):
         pytest.skip("no DeepSparse environment (scripts/setup_peers.sh)")
     _, inputs, ref = tiny
-    r = _peers.run_deepsparse(onnx_file, inputs, ref, TOL, warmup=1, repeats=2, threads=1)
+    peer = _peers.open_deepsparse(onnx_file, inputs, ref, TOL, threads=1)
+    r = _peers.measure(peer, warmup=1, repeats=2)  # the worker serves 3 calls, then exits when closed
     assert r["status"] in ("ok", "skipped"), r  # skipped: e.g. a CPU DeepSparse does not support
     if r["status"] == "ok":
-        assert r["check"].startswith("ok max err") and r["ms"] > 0
+        assert r["check"].startswith("ok max err") and 0 < r["p20"] <= r["ms"] <= r["p80"]
+
+
+def test_deepsparse_mismatch_is_fail_and_the_worker_exits(tiny, onnx_file):
+    if not os.path.exists(_peers.deepsparse_python()):
+        pytest.skip("no DeepSparse environment (scripts/setup_peers.sh)")
+    _, inputs, ref = tiny
+    peer = _peers.open_deepsparse(onnx_file, inputs, ref + 1.0, TOL, threads=1)
+    if peer.info["status"] == "skipped":
+        pytest.skip(f"DeepSparse cannot run here: {peer.info['reason']}")
+    assert peer.info["status"] == "FAIL" and peer.info["check"].startswith("FAIL max err") and peer.timer is None
+
+
+def test_time_interleaved_calls_each_contender_once_per_round():
+    calls = []
+
+    def timer(name, ms):
+        return lambda: calls.append(name) or ms
+
+    t = C.time_interleaved({"a": timer("a", 1.0), "b": timer("b", 3.0)}, warmup=2, repeats=5)
+    assert calls == ["a", "b"] * 7  # in turn, warmup rounds included
+    assert (t["a"].median_ms, t["b"].median_ms) == (1.0, 3.0)
