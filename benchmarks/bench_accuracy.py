@@ -74,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", default=None,
                    help="AdamW learning rate(s), comma-separated (default 2e-4). With several, every run is made "
                         "at each, and each table cell reports test accuracy at the rate with the best dev accuracy")
+    p.add_argument("--tune-seeds", default=None,
+                   help="with several --lr: the seeds whose tuning runs choose each method's lr (default: every "
+                        "seed); the other seeds run only at the chosen lr")
     p.add_argument("--tune-on", default="element:0.9",
                    help="with several --lr: the setting where every method runs at each lr (distilled under the "
                         "plan); each method then runs every other setting at its lr with the best dev accuracy here")
@@ -94,6 +97,9 @@ def parse_args() -> argparse.Namespace:
     args.steps = args.steps or defaults["steps"]
     args.lr = [float(v) for v in str(args.lr or defaults["lr"]).split(",")]
     args.seeds = [int(s) for s in (args.seeds or defaults["seeds"]).split(",")]
+    args.tune_seeds = [int(s) for s in args.tune_seeds.split(",")] if args.tune_seeds else list(args.seeds)
+    if not set(args.tune_seeds) <= set(args.seeds):
+        p.error(f"--tune-seeds {args.tune_seeds} must be among --seeds {args.seeds}")
     args.train_subset = args.train_subset or defaults.get("train_subset")
     args.eval_subset = args.eval_subset or defaults.get("eval_subset")
     args.methods = args.methods.split(",")
@@ -132,7 +138,7 @@ def _runs(args, method: str, settings, lr: float, seed: int) -> list[dict]:
 
 def chosen_lrs(args, rows: list[dict]) -> dict[str, float]:
     """{method: the lr with the best mean dev accuracy on the tuning setting} for the methods whose tuning
-    runs (every lr, every seed, distilled where the plan distils) are all done; with one lr, that lr."""
+    runs (every lr, every tuning seed, distilled where the plan distils) are all done; with one lr, that lr."""
     if len(args.lr) == 1:
         return {method: args.lr[0] for method in args.methods}
     done = {key(r): r for r in rows}
@@ -140,7 +146,7 @@ def chosen_lrs(args, rows: list[dict]) -> dict[str, float]:
     for method in args.methods:
         dev = {}
         for lr in args.lr:
-            tuning = [r for seed in args.seeds for r in _runs(args, method, [args.tune_on], lr, seed)
+            tuning = [r for seed in args.tune_seeds for r in _runs(args, method, [args.tune_on], lr, seed)
                       if method == "dense" or r["distill"] == (TEACHER if args.distill != "off" else None)]
             if not all(key(r) in done for r in tuning):
                 break
@@ -151,12 +157,18 @@ def chosen_lrs(args, rows: list[dict]) -> dict[str, float]:
 
 
 def planned_runs(args, rows: list[dict] = ()) -> list[dict]:
-    """Every run of the sweep: each method at every --lr on the tuning setting (--tune-on, and dense),
-    then at the other settings (and undistilled) at the lr chosen for it there by dev accuracy, once its
-    tuning runs are done (chosen_lrs); dense first. With one lr, every run at it."""
+    """Every run of the sweep: on each tuning seed (--tune-seeds), each method at every --lr on the tuning
+    setting (--tune-on, and dense), then at the other settings (and undistilled) at the lr chosen for it
+    there by dev accuracy, once its tuning runs are done (chosen_lrs); on the other seeds, each method at
+    its chosen lr only (dense at every lr chosen, the teachers). With one lr, every run at it."""
     runs = []
     chosen = chosen_lrs(args, list(rows))
     for seed in args.seeds:
+        if len(args.lr) > 1 and seed not in args.tune_seeds:
+            for method in args.methods:
+                lrs = sorted(set(chosen.values())) if method == "dense" else [chosen[method]] if method in chosen else []
+                runs += [r for lr in lrs for r in _runs(args, method, args.settings, lr, seed)]
+            continue
         for method in args.methods:
             for lr in args.lr:
                 tuned = method == "dense" or len(args.lr) == 1
@@ -238,15 +250,18 @@ def aggregate_by_lr(rows: list[dict]) -> dict:
     return out
 
 
-def aggregate(rows: list[dict]) -> dict:
+def aggregate(rows: list[dict], tune_seeds=None) -> dict:
     """{(method, distilled, granularity, sparsity_target): the entry of aggregate_by_lr at the lr with the
-    best mean dev accuracy}: every method tuned the same way, on dev; test is what is reported."""
+    best mean dev accuracy on the tuning seeds (default: every seed)}: every method tuned the same way, on
+    dev; test, over every seed run at that lr, is what is reported."""
+    tuning = aggregate_by_lr([r for r in rows if tune_seeds is None or r["seed"] in tune_seeds])
     best: dict = {}
-    for (*cell, _), a in sorted(aggregate_by_lr(rows).items()):
+    for (*cell, lr), a in sorted(aggregate_by_lr(rows).items()):
         cell = tuple(cell)
-        if cell not in best or a["dev"] > best[cell]["dev"]:
-            best[cell] = a
-    return best
+        dev = tuning[(*cell, lr)]["dev"] if (*cell, lr) in tuning else float("-inf")
+        if cell not in best or dev > best[cell][0]:
+            best[cell] = (dev, a)
+    return {cell: a for cell, (_, a) in best.items()}
 
 
 def row_label(method: str, distilled: bool) -> str:
@@ -293,11 +308,14 @@ def cell(a: dict, show_lr: bool = False) -> str:
 
 
 def tuning_table(rows: list[dict]) -> list[str]:
-    """Dev and test accuracy of every cell at every lr run (the selection's evidence)."""
+    """Dev and test accuracy of every cell at every lr run (the selection's evidence; pass the rows of the
+    tuning seeds)."""
     by_lr = aggregate_by_lr(rows)
     lrs = sorted({k[4] for k in by_lr})
     cells = sorted({k[:4] for k in by_lr}, key=lambda c: (METHODS.index(c[0]), not c[1], c[2], c[3]))
-    lines = ["Learning rate, chosen per cell by dev accuracy (dev / test, %; the chosen one in bold):", "",
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Learning rate, chosen per cell by dev accuracy on seeds {seeds} (dev / test, %; the chosen one in "
+             "bold):", "",
              "| method | setting | " + " | ".join(f"lr {lr_text(lr)}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
     chosen = aggregate(rows)
     for c in cells:
@@ -311,7 +329,7 @@ def tuning_table(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], args, env: dict) -> str:
-    agg = aggregate(rows)
+    agg = aggregate(rows, args.tune_seeds)
     settings = [s for s in args.settings if any(k[2:] == s for k in agg)]
     seeds = sorted({r["seed"] for r in rows})
     lrs = sorted({r["lr"] for r in rows})
@@ -319,7 +337,8 @@ def markdown(rows: list[dict], args, env: dict) -> str:
              f"split by movie; majority class 62.7), mean ± std over the seeds run ({seeds}); {args.steps} steps "
              f"× batch {args.batch_size} from the pretrained model, lr "
              + (lr_text(lrs[0]) if len(lrs) == 1 else "chosen per cell by dev accuracy among "
-                + ", ".join(lr_text(lr) for lr in lrs) + " (in parentheses)")
+                + ", ".join(lr_text(lr) for lr in lrs) + " (in parentheses)"
+                + (f" on seeds {sorted(args.tune_seeds)}" if set(args.tune_seeds) != set(seeds) else ""))
              + (f" on a {args.train_subset}-snippet subset" if args.train_subset else "")
              + f"; {env['device']}, {env['date'][:10]}. Soft movement's sparsity is steered, not forced: reached "
              "in brackets. Distilled: from the dense run of the same seed and lr (T = 2, α = 0.5). "
@@ -344,17 +363,17 @@ def markdown(rows: list[dict], args, env: dict) -> str:
     if checks:
         lines += ["", "SPEC §6 targets:", ""] + [f"- {c}" for c in checks]
     if len(lrs) > 1:
-        lines += [""] + tuning_table(rows)
+        lines += [""] + tuning_table([r for r in rows if r["seed"] in args.tune_seeds])
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def plot(rows: list[dict], path: str, title: str, tune_seeds=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agg = aggregate(rows)
+    agg = aggregate(rows, tune_seeds)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     dense = agg.get(("dense", False, "element", 0.0))
     if dense:
@@ -403,7 +422,7 @@ def write(rows: list[dict], plan: list[dict], args, env: dict, name: str) -> str
         f.write(table)
     plot(current, os.path.join(args.out, name + ".png"),
          f"all-MiniLM-L6-v2, Rotten Tomatoes, {args.steps} steps, seeds {sorted({r['seed'] for r in current})}: "
-         f"{env['device']}")
+         f"{env['device']}", args.tune_seeds)
     return table
 
 

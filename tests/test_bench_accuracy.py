@@ -75,3 +75,32 @@ def test_markdown_names_the_chosen_lr_and_checks_the_targets(monkeypatch):
     assert "MGPP − dense = -1.0 points (target ≥ −2): met" in text
     assert "MGPP − magnitude = +4.0 points (target > 0): met" in text
     assert "Learning rate, chosen per cell by dev accuracy" in text
+
+
+def test_other_seeds_run_only_at_the_lr_chosen_on_the_tuning_seeds(monkeypatch):
+    args = parse(monkeypatch, "--lr", "5e-5,2e-4", "--seeds", "0,1", "--tune-seeds", "0",
+                 "--settings", "element:0.9,element:0.97", "--methods", "dense,mgpp", "--distill", "on")
+    before = B.planned_runs(args, [])
+    assert {p["seed"] for p in before} == {0}  # nothing for seed 1 until seed 0 has chosen
+    rows = [row("dense", 5e-5, 0.80, 0.84), row("dense", 2e-4, 0.83, 0.85),
+            row("mgpp", 5e-5, 0.76, 0.78), row("mgpp", 2e-4, 0.79, 0.81)]
+    seed1 = {(p["method"], p["sparsity_target"], p["lr"]) for p in B.planned_runs(args, rows) if p["seed"] == 1}
+    assert seed1 == {("dense", 0.0, 2e-4), ("mgpp", 0.9, 2e-4), ("mgpp", 0.97, 2e-4)}
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, "--seeds", "0,1", "--tune-seeds", "2")
+
+
+def test_the_lr_is_chosen_on_the_tuning_seeds_and_reported_over_all(monkeypatch):
+    args = parse(monkeypatch, "--lr", "5e-5,2e-4", "--seeds", "0,1", "--tune-seeds", "0", "--settings",
+                 "element:0.9")
+    rows = [row("dense", 2e-4, 0.83, 0.85), row("dense", 2e-4, 0.81, 0.83, seed=1),
+            row("mgpp", 5e-5, 0.75, 0.70), row("mgpp", 2e-4, 0.78, 0.80),
+            row("mgpp", 2e-4, 0.70, 0.76, seed=1)]  # seed 1's low dev must not move the choice
+    agg = B.aggregate(rows, args.tune_seeds)
+    assert agg[("mgpp", True, "element", 0.9)]["lr"] == 2e-4
+    assert agg[("mgpp", True, "element", 0.9)]["mean"] == pytest.approx(0.78) and agg[
+        ("mgpp", True, "element", 0.9)]["n"] == 2
+    text = B.markdown(rows, args, {"device": "cpu", "date": "2026-12-01"})
+    assert "among 5e-5, 2e-4 (in parentheses) on seeds [0]" in text
+    assert "chosen per cell by dev accuracy on seeds [0]" in text
+    assert "| mgpp, distilled | 78.0 ± 2.8 (lr 2e-4) |" in text
