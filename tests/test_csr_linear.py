@@ -161,6 +161,24 @@ def test_rows_of_very_different_lengths_split_between_threads():
 
 
 @needs_kernel
+def test_one_token_split_between_threads():
+    """M = 1 takes a second thread from 16K stored entries: a 600x900 layer at 10% (54K entries, uneven
+    rows) split between the threads equals the single-thread result exactly and matches float64."""
+    g = torch.Generator().manual_seed(5)
+    weight, crow, col, values = random_csr_weight(600, 900, 0.1, torch.float32, g, empty_rows=range(0, 600, 7))
+    x, bias = inputs(1, 900, 600, torch.float32, "cpu", g, with_bias=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = run(x, weight, crow, col, values, bias)
+        check_against_float64(y, x, weight, bias)
+        torch.set_num_threads(1)
+        assert torch.equal(OPS.csr_linear_cpu(x, crow, col, values, bias, 600), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_unsorted_columns_give_the_same_result(tokens):
     """The kernel documents that columns need not be sorted within a row (only slower)."""

@@ -530,10 +530,10 @@ inline std::vector<int64_t> split_rows_by_entries(const int32_t* crow, int64_t r
   return cut;
 }
 
-// Threads worth using for `work` multiply-adds: one per ~64K (a thread's start-up costs microseconds).
-inline int64_t worth_threads(int64_t work) {
-  constexpr int64_t kMinWorkPerThread = 1 << 16;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
+// Threads worth using for `work` multiply-adds: one per `min_work` (default ~64K: a thread's start-up
+// costs microseconds).
+inline int64_t worth_threads(int64_t work, int64_t min_work = int64_t{1} << 16) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / min_work));
 }
 
 #ifdef SPARSE_OPS_AVX2_FMA

@@ -17,7 +17,8 @@
 // Algorithm (see common.h, "sparse linear layers"): rows are split between threads by stored
 // entries (not by count), so uneven rows still balance.
 //  * M = 1: one dot product per row over the gathered entries of x (AVX2 gathers for float32), the
-//    sums in float32, then bias and activation over the whole part at once (vectorised).
+//    sums in float32, then bias and activation over the whole part at once (vectorised); a second
+//    thread from 16K stored entries (a 90% 768×768 layer: 1.3× faster than one thread here).
 //  * M ≥ 2: x is packed once into float32 panels of up to 64 tokens (x transposed); each stored
 //    w[n, k] is one broadcast multiply-add of panel row k into row n's accumulators, which stay in
 //    registers for the whole row. For cache locality the columns are walked in chunks: each thread
@@ -39,6 +40,7 @@ namespace {
 constexpr int64_t kMaxTileTokens = 64;            // 8 AVX registers of accumulators per row
 constexpr int64_t kPanelChunkBytes = 128 * 1024;  // panel bytes one pass over the rows reads (in L2)
 constexpr int64_t kStoreRows = 16;                // rows per write-back group
+constexpr int64_t kMinGemvEntriesPerThread = int64_t{1} << 14;  // M = 1: a second thread pays from ~16K entries
 
 // One pass over rows [0, rows) for the columns below `limit`: row r continues from cursor[r] up to
 // its end row_end[r] or its first column ≥ limit, adding val·panel[col] into acc row r (which
@@ -306,7 +308,7 @@ void csr_gemv(const T* x, int64_t K, const int32_t* crow, const I* col, const T*
     sums = at::empty({N}, at::kFloat);
     s = sums.data_ptr<float>();
   }
-  const int64_t parts = worth_threads(crow[N]);
+  const int64_t parts = worth_threads(crow[N], kMinGemvEntriesPerThread);
   const std::vector<int64_t> cut = split_rows_by_entries(crow, N, parts, 8);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
