@@ -485,15 +485,22 @@ class SparseLinear(nn.Module):
         return result
 
     def _buffer_state(self) -> tuple:
+        """(crow, col, values, bias, crow's version, col's version): the buffers as validated."""
         bufs = self._buffers
         crow, col = bufs["crow_indices"], bufs["col_indices"]
-        return id(crow), tensor_version(crow), id(col), tensor_version(col), id(bufs["values"]), id(bufs["bias"])
+        return crow, col, bufs["values"], bufs["bias"], tensor_version(crow), tensor_version(col)
 
     def _buffers_unchanged(self) -> bool:
         """The buffers are the very tensors validated last, and the indices were not written to since
         (in-place writes bump a tensor's _version; assigning a new tensor changes its identity;
-        inference tensors have no version: see tensor_version)."""
-        return self._validated == self._buffer_state()
+        inference tensors have no version: see tensor_version). Checked on every CPU forward, so by
+        identity and two version reads only."""
+        v, bufs = self._validated, self._buffers
+        if v is None:
+            return False
+        crow, col = bufs["crow_indices"], bufs["col_indices"]
+        return (crow is v[0] and col is v[1] and bufs["values"] is v[2] and bufs["bias"] is v[3]
+                and (v[4] is None or crow._version == v[4]) and (v[5] is None or col._version == v[5]))
 
     def _revalidate(self):
         """The fast-path tuple, after validating the buffers again if they were assigned or written to
@@ -519,7 +526,7 @@ class SparseLinear(nn.Module):
             col = self.col_indices
             if self.format in _ROW_COMPRESSED and self.in_features <= NARROW_INDEX_LIMIT:
                 col = col.to(torch.uint16)
-            self._fast = (getattr(torch.ops.sparse_ops, op), self.crow_indices, col, self.values, self.bias)
+            self._fast = (getattr(torch.ops.sparse_ops, op).default, self.crow_indices, col, self.values, self.bias)
         if self.format != "2:4":
             return
         reason = semi_structured_unavailable(self.device, self.dtype)

@@ -27,6 +27,8 @@ import torch
 
 from .nn import _ROW_COMPRESSED, SparseLinear, call_fast, tensor_version
 
+_BUFFERS = ("crow_indices", "col_indices", "values", "bias")  # a member's, in _members_state
+
 
 class StackedLinears:
     """Members: SparseLinear layers with the same in_features, dtype, device and compressed format
@@ -61,12 +63,25 @@ class StackedLinears:
         self._local = threading.local()
 
     def _members_state(self) -> tuple:
-        state = []
+        """(every member's four buffers, their versions): what the stacked weight was built from."""
+        tensors = tuple(m._buffers[name] for m in self.members for name in _BUFFERS)
+        return tensors, tuple(tensor_version(t) for t in tensors)
+
+    def _members_unchanged(self) -> bool:
+        """The members' buffers are the very tensors stacked last, none written to since (checked on
+        every round, so by identity and version reads only)."""
+        if self._state is None:
+            return False
+        tensors, versions = self._state
+        i = 0
         for m in self.members:
-            for name in ("crow_indices", "col_indices", "values", "bias"):
-                t = m._buffers[name]
-                state += [id(t), tensor_version(t)]
-        return tuple(state)
+            bufs = m._buffers
+            for name in _BUFFERS:
+                t = bufs[name]
+                if t is not tensors[i] or (versions[i] is not None and t._version != versions[i]):
+                    return False
+                i += 1
+        return True
 
     def prepare(self) -> StackedLinears:
         """Build the stacked weight now rather than on the first call; returns the group."""
@@ -76,9 +91,9 @@ class StackedLinears:
     def _stacked_kernel(self):
         """(kernel, crow, col, values, bias) of the stacked weight, rebuilt when a member's buffers
         changed; None where the members no longer have a CPU kernel call to stack."""
-        state = self._members_state()
-        if state == self._state:
+        if self._members_unchanged():
             return self._fast
+        state = self._members_state()
         self._fast = self._build()
         self._state = state  # after _fast: a thread that sees this state sees the weight built for it
         return self._fast
