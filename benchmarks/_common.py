@@ -218,14 +218,19 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int, repeats: int,
     return summarize(times)
 
 
-def time_interleaved(timers: dict[str, Callable[[], float]], *, warmup: int, repeats: int) -> dict[str, Timing]:
+def time_interleaved(timers: dict[str, Callable[[], float]], *, warmup: int, repeats: int,
+                     gap_s: float = 0.0) -> dict[str, Timing]:
     """{name: Timing} of contenders timed in turn, one call each per round (`warmup` untimed rounds, then
     `repeats` timed ones): on a machine whose speed drifts, every contender sees the same drift, so their
     ratios hold where timings taken one contender after another do not. A timer makes one call and returns
-    its ms (call_ms, or a peer process that times itself)."""
+    its ms (call_ms, or a peer process that times itself). gap_s: an untimed pause before each call, so
+    that the thread pool of the contender before (ONNX Runtime's, DeepSparse's and OpenMP's spin on
+    after a call) has gone idle and does not steal cores from the next."""
     times = {name: [] for name in timers}
     for i in range(warmup + repeats):
         for name, timer in timers.items():
+            if gap_s:
+                time.sleep(gap_s)
             elapsed = timer()
             if i >= warmup:
                 times[name].append(elapsed)

@@ -40,6 +40,7 @@ FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format",
           *_peers.FIELDS, "device", "versions", "commit", "date")
 DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
             "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
+GAP_S = 0.2  # idle before each timed call: the thread pools of the contender before stop spinning
 CPU_BERT_MAX_TOKENS = 1024  # BERT-base at 32×128 takes seconds per call on a 2-core CPU
 
 
@@ -173,7 +174,7 @@ def main() -> None:
                     timers.update({name: peer.timer for name, peer in peers.items() if peer.timer is not None})
                     try:
                         with torch.inference_mode():
-                            t = C.time_interleaved(timers, warmup=args.warmup, repeats=args.repeats)
+                            t = C.time_interleaved(timers, warmup=args.warmup, repeats=args.repeats, gap_s=GAP_S)
                     finally:
                         for peer in peers.values():
                             peer.close()
