@@ -27,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import select
+import queue
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from typing import Callable
@@ -134,16 +135,29 @@ def deepsparse_python(venv: str | None = None) -> str:
     return os.path.join(venv, "bin", "python")
 
 
-def _read_json(proc: subprocess.Popen, timeout_s: float) -> dict:
+def _line_reader(stream) -> queue.Queue:
+    """A queue of the stream's lines, filled by a daemon thread ('' at the end of the stream)."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _read_json(lines: queue.Queue, timeout_s: float) -> dict:
     """The worker's next JSON line (other output it prints is skipped); raises TimeoutError or EOFError."""
     deadline = time.monotonic() + timeout_s
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-            raise TimeoutError(f"the DeepSparse worker gave no answer within {timeout_s:.0f} s")
-        line = proc.stdout.readline()
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(f"the DeepSparse worker gave no answer within {timeout_s:.0f} s") from None
         if not line:
-            raise EOFError(f"the DeepSparse worker exited {proc.wait()}")
+            raise EOFError("the DeepSparse worker exited")
         if line.startswith("{"):
             return json.loads(line)
 
@@ -178,8 +192,9 @@ def open_deepsparse(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float,
                     proc.wait()
             log.close()
 
+        lines = _line_reader(proc.stdout)
         try:
-            status = _read_json(proc, timeout_s)
+            status = _read_json(lines, timeout_s)
         except (TimeoutError, EOFError, json.JSONDecodeError) as e:
             if proc.poll() is None:
                 proc.kill()
@@ -196,7 +211,7 @@ def open_deepsparse(onnx_path: str, inputs: dict, ref: torch.Tensor, tol: float,
     def timer() -> float:
         proc.stdin.write("run\n")
         proc.stdin.flush()
-        return float(_read_json(proc, timeout_s)["ms"])
+        return float(_read_json(lines, timeout_s)["ms"])
 
     return Peer(info, timer, close)
 

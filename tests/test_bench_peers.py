@@ -127,3 +127,17 @@ def test_time_interleaved_calls_each_contender_once_per_round():
     t = C.time_interleaved({"a": timer("a", 1.0), "b": timer("b", 3.0)}, warmup=2, repeats=5)
     assert calls == ["a", "b"] * 7  # in turn, warmup rounds included
     assert (t["a"].median_ms, t["b"].median_ms) == (1.0, 3.0)
+
+
+def test_worker_lines_skip_banners_and_report_exit_and_silence():
+    import io
+
+    lines = _peers._line_reader(io.StringIO('DeepSparse banner\n{"status": "ok"}\n{"ms": 2.5}\n'))
+    assert _peers._read_json(lines, 5.0) == {"status": "ok"}  # the banner line is skipped
+    assert _peers._read_json(lines, 5.0) == {"ms": 2.5}
+    with pytest.raises(EOFError):
+        _peers._read_json(lines, 5.0)
+    import queue
+
+    with pytest.raises(TimeoutError, match="no answer within"):
+        _peers._read_json(queue.Queue(), 0.05)
