@@ -8,8 +8,8 @@ element (exported as CSR) or in 32×32 blocks by block L2 norm (exported as BSR)
 `sparse_ops.export(model, format)` swaps them for SparseLinear. format "auto" lets export measure.
 Timing: model(input_ids, attention_mask) under torch.inference_mode, batch × sequence tokens, median
 (p20/p80) over --repeats calls; dense, exported, exported with Q/K/V apart and the peers are timed
-interleaved (one call of each in turn per round: _common.time_interleaved), so the drift of a noisy
-machine hits them all alike. check: the exported
+interleaved (one call of each in turn per round: _common.time_interleaved; on CPU with 0.2 s idle
+before each call), so the drift of a noisy machine hits them all alike. check: the exported
 model's last hidden state matches the pruned dense model's (max abs error, relative to its scale).
 --peers: also ONNX Runtime and DeepSparse on the same pruned checkpoint and inputs, checked the same
 way, beside torch dense and the exported model in every row (benchmarks/_peers.py; install them with
@@ -40,7 +40,7 @@ FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format",
           *_peers.FIELDS, "device", "versions", "commit", "date")
 DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
             "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
-GAP_S = 0.2  # idle before each timed call: the thread pools of the contender before stop spinning
+GAP_S = 0.2  # CPU: idle before each timed call, so the thread pools of the contender before stop spinning
 CPU_BERT_MAX_TOKENS = 1024  # BERT-base at 32×128 takes seconds per call on a 2-core CPU
 
 
@@ -174,7 +174,8 @@ def main() -> None:
                     timers.update({name: peer.timer for name, peer in peers.items() if peer.timer is not None})
                     try:
                         with torch.inference_mode():
-                            t = C.time_interleaved(timers, warmup=args.warmup, repeats=args.repeats, gap_s=GAP_S)
+                            t = C.time_interleaved(timers, warmup=args.warmup, repeats=args.repeats,
+                                                   gap_s=GAP_S if args.device == "cpu" else 0.0)
                     finally:
                         for peer in peers.values():
                             peer.close()
