@@ -54,13 +54,15 @@ def tensor_version(t: torch.Tensor | None) -> int | None:
     return None if t is None or t.is_inference() else t._version
 
 
-def call_fast(fast: tuple, x: torch.Tensor, out_features: int, activation: str = "none") -> torch.Tensor:
-    """One direct call of a CPU kernel on validated buffers (it skips the O(nnz) index check):
-    fast = (kernel, crow, col, values, bias), x (..., in_features) -> (..., out_features)."""
+def call_fast(fast: tuple, x: torch.Tensor, out_features: int, activation: str = "none",
+              check_indices: bool = False) -> torch.Tensor:
+    """One direct call of a CPU kernel, on validated buffers unless check_indices (then the kernel checks
+    the indices itself, O(nnz)): fast = (kernel, crow, col, values, bias), x (..., in_features) ->
+    (..., out_features)."""
     kernel, crow, col, values, bias = fast
     if x.dim() == 2:
-        return kernel(x, crow, col, values, bias, out_features, activation, False)
-    y = kernel(x.reshape(-1, x.shape[-1]), crow, col, values, bias, out_features, activation, False)
+        return kernel(x, crow, col, values, bias, out_features, activation, check_indices)
+    y = kernel(x.reshape(-1, x.shape[-1]), crow, col, values, bias, out_features, activation, check_indices)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -449,23 +451,30 @@ class SparseLinear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}), got {tuple(x.shape)}")
         fast = self._fast
-        if (fast is not None and x.is_cpu and not torch.compiler.is_compiling()
-                and not (x.requires_grad and torch.is_grad_enabled()) and forced_backend() is None):
-            fast = self._revalidate()
-            if x.dtype == fast[3].dtype:
-                if self._stack is not None:  # one kernel call for the siblings reading this x (sparse_ops.stacked)
-                    group, index = self._stack
-                    y = group.forward(index, x)
-                    if y is not None:
-                        return y
-                return call_fast(fast, x, self.out_features, self.activation)
+        if (fast is not None and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
+                and forced_backend() is None):
+            if torch.compiler.is_compiling():
+                # traced: the kernel called directly on the buffers themselves (not the uint16 copy), and
+                # since the graph cannot re-validate them it checks the indices on every call (O(nnz))
+                if x.dtype == fast[3].dtype:
+                    buffers = (fast[0], self.crow_indices, self.col_indices, self.values, self.bias)
+                    return call_fast(buffers, x, self.out_features, self.activation, check_indices=True)
+            else:
+                fast = self._revalidate()
+                if fast is not None and x.dtype == fast[3].dtype:
+                    if self._stack is not None:  # one kernel call for the siblings reading x (sparse_ops.stacked)
+                        group, index = self._stack
+                        y = group.forward(index, x)
+                        if y is not None:
+                            return y
+                    return call_fast(fast, x, self.out_features, self.activation)
         if x.dtype != self.dtype:
             raise TypeError(f"x must have the layer's dtype {self.dtype}, got {x.dtype} (convert x, or the layer "
                             "with .to(dtype))")
         if self.format == "dense" or self._semi is not None:
             y = F.linear(x, self.weight if self._semi is None else self._semi, self.bias)
             return y if self.activation == "none" else F.gelu(y)
-        # traced, on another device, differentiated, or a backend forced (use_backend): the op checks all
+        # on another device, differentiated, another dtype, or a backend forced (use_backend): the op checks all
         op = torch.ops.sparse_ops.csr_linear if self.format in _ROW_COMPRESSED else torch.ops.sparse_ops.bsr_linear
         return op(x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features, self.activation)
 

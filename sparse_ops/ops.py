@@ -350,8 +350,20 @@ def _sparse_linear_backward(fmt):
     return backward
 
 
+def _sparse_linear_cpu_fake(fmt):
+    """The C++ kernel's output under tracing (SparseLinear calls it directly when compiled on CPU)."""
+    def fake(x, crow_indices, col_indices, values, bias, out_features, activation="none", check_indices=True):
+        if x.dim() != 2:
+            raise ValueError(f"x must be 2-D (tokens, in_features) for {fmt}_linear_cpu, got {tuple(x.shape)}")
+        _check_sparse_linear(fmt, x, crow_indices, col_indices, values, bias, out_features, activation)
+        return x.new_empty(x.shape[0], out_features)
+
+    return fake
+
+
 for _fmt in ("csr", "bsr"):
     torch.library.register_fake(f"{LIB}::{_fmt}_linear")(_sparse_linear_fake(_fmt))
+    torch.library.register_fake(f"{LIB}::{_fmt}_linear_cpu")(_sparse_linear_cpu_fake(_fmt))
     _lib.impl(f"{_fmt}_linear", _sparse_linear_impl(_fmt), "CompositeExplicitAutograd")
     torch.library.register_autograd(f"{LIB}::{_fmt}_linear", _sparse_linear_backward(_fmt),
                                     setup_context=_sparse_linear_setup_context)

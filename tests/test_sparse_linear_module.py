@@ -18,6 +18,7 @@ from _tolerance import assert_tolerance
 from torch import nn
 
 from sparse_ops import SparseLinear, formats
+from sparse_ops._extension import has_cpu_kernel
 from sparse_ops.nn import (
     FormatCache,
     choose_format,
@@ -250,8 +251,39 @@ def test_compile_fullgraph_calls_the_custom_op(fmt):
     with torch.no_grad():
         assert torch.equal(compiled(x), layer(x))
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert any(t.startswith(f"sparse_ops.{fmt}_linear") for t in targets), targets
+    # on CPU with a C++ kernel: its direct call, the indices checked by the kernel on every call
+    kernel = f"sparse_ops.{fmt}_linear_cpu" if has_cpu_kernel(f"sparse_ops::{fmt}_linear_cpu") else f"sparse_ops.{fmt}_linear"
+    assert any(t.startswith(kernel) for t in targets), targets
     assert not any("to_sparse" in t for t in targets)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_compiled_layer_still_checks_indices_written_in_place(fmt):
+    linear = masked_linear(45, 70, 0.8, block=(16, 16), seed=14)
+    layer = SparseLinear.from_dense(linear, fmt, block_size=(16, 16)).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    x = inputs("many", 70, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), layer(x))
+        col = layer.col_indices
+        good, past_end = col[0].item(), 70 if fmt == "csr" else 5  # bsr: in 16-wide block columns
+        col[0] = past_end  # corrupt in place: a column past in_features
+        with pytest.raises(RuntimeError, match="col_indices"):
+            compiled(x)
+        col[0] = (good + 1) % past_end  # valid again, but another column: the compiled call reads it now
+        expected = F.linear(x, layer.dense_weight(), layer.bias)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_layer_differentiates_x_through_the_checked_op():
+    linear = masked_linear(45, 70, 0.8, seed=15)
+    layer = SparseLinear.from_dense(linear, "csr")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    x = inputs("many", 70, torch.float32).requires_grad_()
+    compiled(x).sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
 
 
 def test_compile_fullgraph_inductor():
