@@ -11,6 +11,8 @@ Timing: model(input_ids, attention_mask) under torch.inference_mode, batch × se
 interleaved (one call of each in turn per round: _common.time_interleaved; on CPU with 0.2 s idle
 before each call), so the drift of a noisy machine hits them all alike. check: the exported
 model's last hidden state matches the pruned dense model's (max abs error, relative to its scale).
+--compile: also torch.compile (inductor) of the dense and of the exported model, checked the same way
+and timed in the same rounds.
 --peers: also ONNX Runtime and DeepSparse on the same pruned checkpoint and inputs, checked the same
 way, beside torch dense and the exported model in every row (benchmarks/_peers.py; install them with
 scripts/setup_peers.sh; a peer that is missing or fails to run is reported as skipped, with the reason).
@@ -36,8 +38,8 @@ from sparse_ops.reference import block_keys_ref, expand_block_mask
 
 FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format", "dense_ms", "dense_p20_ms",
           "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "qkv_apart_ms",
-          "qkv_stacking_gain", "formats_chosen", "check",
-          *_peers.FIELDS, "device", "versions", "commit", "date")
+          "qkv_stacking_gain", "formats_chosen", "check", "dense_compiled_ms", "sparse_compiled_ms",
+          "compiled_speedup", *_peers.FIELDS, "device", "versions", "commit", "date")
 DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
             "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
 GAP_S = 0.2  # CPU: idle before each timed call, so the thread pools of the contender before stop spinning
@@ -87,6 +89,20 @@ def model_timer(model, inputs: dict, device: str):
     return lambda: C.call_ms(lambda: model(**inputs), device)
 
 
+def compiled_timers(dense, exported, inputs: dict, ref: torch.Tensor, atol: float, device: str) -> dict:
+    """Timers of torch.compile(dense) and torch.compile(exported), each compiled and checked against
+    torch dense's output first (a mismatch raises: a compiled model that is wrong is not timed)."""
+    timers = {}
+    for name, model in (("dense_compiled", dense), ("sparse_compiled", exported)):
+        compiled = torch.compile(model)
+        with torch.inference_mode():
+            err = (compiled(**inputs).last_hidden_state.float() - ref).abs().max().item()
+        if err > atol:
+            raise RuntimeError(f"torch.compile of the {name.split('_')[0]} model: max err {err:.2e} > {atol:.2e}")
+        timers[name] = model_timer(compiled, inputs, device)
+    return timers
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -131,6 +147,8 @@ def main() -> None:
     p.add_argument("--format", default=None,
                    help="export format: auto, or csr/bsr (default: csr for element, bsr for block)")
     p.add_argument("--block", type=int, default=32)
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(dense) and torch.compile(exported) (inductor), in the same rounds")
     p.add_argument("--peers", action="store_true",
                    help="also time ONNX Runtime and DeepSparse on the same pruned model (scripts/setup_peers.sh)")
     args = C.resolve_args(p.parse_args())
@@ -168,9 +186,11 @@ def main() -> None:
                                   for m in (exported, apart))
                     scale = ref.abs().max().item()
                     tol = 1e-4 if dtype == torch.float32 else 3e-2
-                    peers = _peers.open_peers(dense, inputs, ref, tol, args.device) if args.peers else {}
                     timers = {name: model_timer(m, inputs, args.device)
                               for name, m in (("dense", dense), ("sparse", exported), ("apart", apart))}
+                    if args.compile:
+                        timers.update(compiled_timers(dense, exported, inputs, ref, tol * max(scale, 1.0), args.device))
+                    peers = _peers.open_peers(dense, inputs, ref, tol, args.device) if args.peers else {}
                     timers.update({name: peer.timer for name, peer in peers.items() if peer.timer is not None})
                     try:
                         with torch.inference_mode():
@@ -188,12 +208,19 @@ def main() -> None:
                            "qkv_stacking_gain": ta.median_ms / ts.median_ms, "formats_chosen": ",".join(chosen),
                            "check": ("ok" if err <= tol * max(scale, 1.0) else "FAIL") + f" max err {err:.2e}",
                            **env}
+                    if args.compile:
+                        row.update({"dense_compiled_ms": t["dense_compiled"].median_ms,
+                                    "sparse_compiled_ms": t["sparse_compiled"].median_ms,
+                                    "compiled_speedup": t["dense_compiled"].median_ms / t["sparse_compiled"].median_ms})
                     if args.peers:
                         row.update(_peers.row_fields(_peers.with_times(peers, t), ts.median_ms))
                     rows.append(row)
                     print(f"{name:9} {gran:7} s={sparsity:.2f} {batch}x{seq:<4} {fmt:4} dense {td.median_ms:9.2f} ms"
                           f"  exported {ts.median_ms:9.2f} ms  speedup {row['speedup']:.2f}x"
-                          f"  (q,k,v apart {ta.median_ms:.2f} ms)  [{row['check']}]",
+                          f"  (q,k,v apart {ta.median_ms:.2f} ms)  [{row['check']}]"
+                          + (f"\n    compiled: dense {row['dense_compiled_ms']:9.2f} ms  exported "
+                             f"{row['sparse_compiled_ms']:9.2f} ms  speedup {row['compiled_speedup']:.2f}x"
+                             if args.compile else ""),
                           flush=True)
                     if args.peers:
                         print(_peers.describe(row), flush=True)
