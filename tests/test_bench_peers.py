@@ -1,4 +1,4 @@
-"""bench_model.py --peers (benchmarks/_peers.py) on a tiny random BERT: the static-shape ONNX export,
+"""bench_model.py --peers and --compile (benchmarks/_peers.py) on a tiny random BERT: the static-shape ONNX export,
 ONNX Runtime's check (a match is timed, a mismatch is FAIL and not timed), and a DeepSparse without
 its environment reported as skipped with a reason instead of raising."""
 
@@ -141,3 +141,21 @@ def test_worker_lines_skip_banners_and_report_exit_and_silence():
 
     with pytest.raises(TimeoutError, match="no answer within"):
         _peers._read_json(queue.Queue(), 0.05)
+
+
+def test_compiled_timers_check_before_timing(tiny):
+    import copy
+
+    import bench_model
+
+    import sparse_ops
+
+    model, inputs, ref = tiny
+    exported = sparse_ops.export(copy.deepcopy(model), format="csr", min_sparsity=0.0)
+    torch._dynamo.reset()
+    timers = bench_model.compiled_timers(model, exported, inputs, ref, 1e-4, "cpu")
+    assert sorted(timers) == ["dense_compiled", "sparse_compiled"]
+    with torch.inference_mode():
+        assert all(timer() > 0 for timer in timers.values())
+    with pytest.raises(RuntimeError, match="torch.compile of the dense model: max err"):
+        bench_model.compiled_timers(model, exported, inputs, ref + 1.0, 1e-4, "cpu")
