@@ -72,8 +72,8 @@ def test_markdown_names_the_chosen_lr_and_checks_the_targets(monkeypatch):
     text = B.markdown(rows, args, {"device": "cpu", "date": "2026-12-01"})
     assert "chosen per cell by dev accuracy among 5e-5, 2e-4" in text
     assert "| mgpp, distilled | 84.0 (lr 2e-4) |" in text
-    assert "MGPP − dense = -1.0 points (target ≥ −2): met" in text
-    assert "MGPP − magnitude = +4.0 points (target > 0): met" in text
+    assert "MGPP − dense = -1.0 points, seeds [0] (target ≥ −2): met" in text
+    assert "MGPP − magnitude = +4.0 points, seeds [0] (target > 0): met" in text
     assert "Learning rate, chosen per cell by dev accuracy" in text
 
 
@@ -104,3 +104,10 @@ def test_the_lr_is_chosen_on_the_tuning_seeds_and_reported_over_all(monkeypatch)
     assert "among 5e-5, 2e-4 (in parentheses) on seeds [0]" in text
     assert "chosen per cell by dev accuracy on seeds [0]" in text
     assert "| mgpp, distilled | 78.0 ± 2.8 (lr 2e-4) |" in text
+
+
+def test_targets_compare_cells_seed_for_seed():
+    rows = [row("dense", 2e-4, 0.83, 0.85), row("dense", 2e-4, 0.83, 0.95, seed=1),  # seed 1: MGPP not run yet
+            row("mgpp", 2e-4, 0.80, 0.84)]
+    lines = B.targets(B.aggregate(rows))
+    assert "90% (distilled): MGPP − dense = -1.0 points, seeds [0] (target ≥ −2): met" in lines  # not 84 − 90
