@@ -221,8 +221,8 @@ def measure(peer: Peer, *, warmup: int, repeats: int) -> dict:
     try:
         if peer.timer is None:
             return peer.info
-        t = C.time_interleaved({"peer": peer.timer}, warmup=warmup, repeats=repeats)["peer"]
-        return {**peer.info, "ms": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms}
+        timings = C.time_interleaved({"peer": peer.timer}, warmup=warmup, repeats=repeats)
+        return with_times({"peer": peer}, timings)["peer"]
     finally:
         peer.close()
 
