@@ -161,6 +161,26 @@ def test_rows_of_very_different_lengths_split_between_threads():
 
 
 @needs_kernel
+@pytest.mark.parametrize("tokens", [64, 128, 192, 520])
+def test_threads_split_rows_or_token_tiles(tokens):
+    """On two threads the kernel splits the rows (1 or 3 tiles of tokens: 64, 192) or gives each thread
+    whole tiles that it packs itself (2 tiles, or ≥ 4 per thread: 128, 520); either way every sum is
+    the one a single thread makes, and matches float64."""
+    g = torch.Generator().manual_seed(7)
+    weight, crow, col, values = random_csr_weight(300, 700, 0.3, torch.float32, g, empty_rows=range(0, 300, 11))
+    x, bias = inputs(tokens, 700, 300, torch.float32, "cpu", g, with_bias=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = run(x, weight, crow, col, values, bias)
+        check_against_float64(y, x, weight, bias)
+        torch.set_num_threads(1)
+        assert torch.equal(OPS.csr_linear_cpu(x, crow, col, values, bias, 300), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_one_token_split_between_threads():
     """M = 1 takes a second thread from 16K stored entries: a 600x900 layer at 10% (54K entries, uneven
     rows) split between the threads equals the single-thread result exactly and matches float64."""

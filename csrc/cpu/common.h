@@ -589,6 +589,9 @@ SPARSE_OPS_TARGET_AVX2_FMA void pack_tokens_avx2(const T* x, int64_t K, int64_t 
   for (int64_t k0 = 0; k0 < c8; k0 += 8) {
     __m256 r[8];
     for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? load8_f32(x + i * K + k0) : _mm256_setzero_ps();
+    if (k0 % 16 == 0) {  // the same place of the next block of columns: x is read as `rows` streams
+      for (int64_t i = 0; i < rows; ++i) _mm_prefetch(reinterpret_cast<const char*>(x + i * K + k0 + cols), _MM_HINT_T0);
+    }
     transpose8x8(r);
     for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k0 + i) * stride, r[i]);
   }
@@ -626,6 +629,28 @@ SPARSE_OPS_TARGET_AVX2_FMA void store_tile_avx2(const float* acc, int64_t stride
 }
 #endif
 
+// Columns [k0, k0 + cols) of tile j's panel (panel_j = where tile j's panel starts).
+template <typename T>
+void pack_block(const T* x, int64_t K, const TokenTiles& tiles, int64_t j, int64_t k0, int64_t cols, float* panel_j) {
+  const int64_t stride = tiles.padded(j);
+  float* panel = panel_j + k0 * stride;
+  for (int64_t t = 0; t < tiles.size(j); t += kTokenLanes) {
+    const int64_t rows = std::min(kTokenLanes, tiles.size(j) - t);
+    const T* xs = x + (tiles.begin(j) + t) * K + k0;
+#ifdef SPARSE_OPS_AVX2_FMA
+    if (use_avx2_fma()) {
+      pack_tokens_avx2<T>(xs, K, rows, cols, panel + t, stride);
+      continue;
+    }
+#endif
+    for (int64_t k = 0; k < cols; ++k) {
+      for (int64_t i = 0; i < kTokenLanes; ++i) {
+        panel[k * stride + t + i] = i < rows ? static_cast<float>(load_value(xs + i * K + k)) : 0.0f;
+      }
+    }
+  }
+}
+
 // The panels of all tiles of x (M, K): panels + tiles.begin(j)·K holds tile j (see above). Work
 // items are (tile, 64 columns): the 64 panel rows being written stay in L1.
 template <typename T>
@@ -634,26 +659,18 @@ void pack_panels(const T* x, int64_t K, const TokenTiles& tiles, float* panels) 
   const int64_t col_blocks = (K + kCols - 1) / kCols;
   at::parallel_for(0, tiles.count * col_blocks, 8, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t j = item / col_blocks, k0 = item % col_blocks * kCols, cols = std::min(kCols, K - k0);
-      const int64_t stride = tiles.padded(j);
-      float* panel = panels + tiles.begin(j) * K + k0 * stride;
-      for (int64_t t = 0; t < tiles.size(j); t += kTokenLanes) {
-        const int64_t rows = std::min(kTokenLanes, tiles.size(j) - t);
-        const T* xs = x + (tiles.begin(j) + t) * K + k0;
-#ifdef SPARSE_OPS_AVX2_FMA
-        if (use_avx2_fma()) {
-          pack_tokens_avx2<T>(xs, K, rows, cols, panel + t, stride);
-          continue;
-        }
-#endif
-        for (int64_t k = 0; k < cols; ++k) {
-          for (int64_t i = 0; i < kTokenLanes; ++i) {
-            panel[k * stride + t + i] = i < rows ? static_cast<float>(load_value(xs + i * K + k)) : 0.0f;
-          }
-        }
-      }
+      const int64_t j = item / col_blocks, k0 = item % col_blocks * kCols;
+      pack_block<T>(x, K, tiles, j, k0, std::min(kCols, K - k0), panels + tiles.begin(j) * K);
     }
   });
+}
+
+// Tile j's panel alone, by the calling thread, into `panel` (K × padded(j) floats): blocks of 256
+// columns, so that the x rows of a block are read as a few sequential streams.
+template <typename T>
+void pack_tile(const T* x, int64_t K, const TokenTiles& tiles, int64_t j, float* panel) {
+  constexpr int64_t kCols = 256;
+  for (int64_t k0 = 0; k0 < K; k0 += kCols) pack_block<T>(x, K, tiles, j, k0, std::min(kCols, K - k0), panel);
 }
 
 // y[m0 + t][n] = round_T(acc[n − n0][t] + bias[n]) for n in [n0, n1), t < tokens; acc rows have
