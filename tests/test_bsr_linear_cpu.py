@@ -5,8 +5,10 @@ rule (tests/_tolerance.py). The Triton kernels are tested in tests/test_bsr_line
 
 Every weight has shapes that are not multiples of the block, an empty block row and NaN in the
 padding of its stored blocks: a kernel that reads x or W past in_features, or mixes padding rows into
-real outputs, returns NaN and fails. Both paths run: dot products (M ≤ 4) and 16-token panels
-(M ≥ 5, with a narrower last tile), and the plain-loop path used without AVX2/FMA.
+real outputs, returns NaN and fails. Every path runs: dot products (M ≤ 4); token panels (M ≥ 5) of
+16 tokens with AVX2 and of 16 to 64 tokens (1 to 4 zmm per row) with AVX-512, each with a narrower
+last tile; the AVX2 loops on AVX-512 CPUs (SPARSE_OPS_CPU_ISA=avx2) and the plain loops used without
+AVX2/FMA.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tolerance import assert_tolerance
-from conftest import FLOAT_DTYPES, run_with_cpu_baseline
+from conftest import FLOAT_DTYPES, run_in_fresh_process, run_with_cpu_baseline
 
 from sparse_ops.formats import dense_to_bsr
 from sparse_ops.ops import has_cpu_kernel, use_backend
@@ -32,7 +34,7 @@ needs_kernel = pytest.mark.skipif(not KERNEL and not REQUIRED,
 
 OUT, IN = 70, 150
 BLOCKS = [(16, 16), (32, 32), (64, 64), (16, 32), (32, 8)]
-TOKENS = [1, 4, 5, 17, 300]
+TOKENS = [1, 4, 5, 17, 33, 64, 100, 300]  # AVX-512 tiles of 16, 32, 48, 64, 64 + 48, 4 × 64 + 48 tokens
 
 
 def random_bsr_weight(out_features, in_features, block, density, dtype, generator, empty_rows=(1,)):
@@ -149,12 +151,14 @@ def test_batched_non_contiguous_and_empty_inputs(dtype):
 @needs_kernel
 def test_block_rows_of_very_different_sizes_split_between_threads():
     """Full block rows among empty ones (the thread split follows stored blocks) and enough work for
-    every thread; also checked with torch on one thread."""
+    every thread; also checked with torch on one thread. 3 and 50 tokens (one tile) and 192 (3 tiles
+    of 64 with AVX-512) split the block rows between the threads; 128 and 256 give each thread whole
+    tiles that it packs itself."""
     g = torch.Generator().manual_seed(3)
     weight, crow, col, values = random_bsr_weight(512, 640, (32, 32), 0.05, torch.float32, g, empty_rows=range(3, 9))
     weight[64:96] = torch.randn(32, 640, generator=g)
     crow, col, values = dense_to_bsr(weight, (32, 32))
-    for tokens in (3, 50):
+    for tokens in (3, 50, 128, 192, 256):
         x, bias = inputs(tokens, 640, 512, torch.float32, g, with_bias=True)
         y = run(x, weight, crow, col, values, bias)
         check_against_float64(y, x, weight, bias)
@@ -176,7 +180,7 @@ g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for block in ((16, 16), (32, 8), (3, 5)):
         w, crow, col, values = random_bsr_weight(70, 150, block, 0.6, dtype, g)
-        for tokens in (1, 4, 21):
+        for tokens in (1, 4, 21, 70):
             x = torch.randn(tokens, 150, generator=g).to(dtype)
             b = torch.randn(70, generator=g).to(dtype)
             y = torch.ops.sparse_ops.bsr_linear_cpu(x, crow, col, values, b, 70)
@@ -189,6 +193,13 @@ print("ok")
 def test_plain_loop_path_without_avx2():
     """SPARSE_OPS_CPU_BASELINE=1 forces the loops that run on CPUs without AVX2/FMA."""
     run_with_cpu_baseline(_BASELINE_SCRIPT)
+
+
+@needs_kernel
+def test_avx2_path_on_avx512_cpus():
+    """SPARSE_OPS_CPU_ISA=avx2 keeps the 16-token ymm loops where AVX-512 would be used; elsewhere
+    it is the default path, tested again."""
+    run_in_fresh_process(_BASELINE_SCRIPT, SPARSE_OPS_CPU_ISA="avx2")
 
 
 def _triple():

@@ -18,10 +18,13 @@
 // Algorithm (see common.h, "sparse linear layers"): block rows are split between threads by stored
 // blocks.
 //  * M ≤ 4: per output row, dot products of the block rows' values with x (8 columns per vector).
-//  * M ≥ 5: x is packed once into float32 panels of 16 tokens (x transposed). A block row is done
-//    in strips of 4 rows: for each column j of each block, one panel row (16 tokens, 2 registers)
-//    is multiplied by the strip's 4 weights into 4 × 2 register accumulators, a small dense GEMM
-//    whose operands stay in L1 (a block's panel rows are contiguous).
+//  * M ≥ 5: x is packed into float32 panels of token tiles (x transposed). A block row is done in
+//    strips of rows: for each column j of each block, one panel row is multiplied by the strip's
+//    weights into register accumulators, a small dense GEMM whose operands stay in L1 (a block's
+//    panel rows are contiguous). AVX2: tiles of 16 tokens (2 ymm), strips of 4 rows; AVX-512F
+//    (SPARSE_OPS_CPU_ISA unset or not "avx2"): tiles of up to 64 tokens (4 zmm), strips of 4 rows
+//    (8 below 48 tokens). With enough tiles each thread takes whole tiles and packs their panels
+//    itself (see bsr_tiles).
 // Without AVX2/FMA (or with SPARSE_OPS_CPU_BASELINE=1) the same steps run as plain loops.
 #include <torch/library.h>
 
@@ -30,8 +33,9 @@
 namespace sparse_ops {
 namespace {
 
-constexpr int64_t kTileTokens = 16;  // 2 AVX registers per accumulator row
-constexpr int kStripRows = 4;        // rows of a block row per strip
+constexpr int64_t kTileTokens = 16;        // AVX2: 2 ymm registers per accumulator row
+constexpr int64_t kTileTokensAvx512 = 64;  // AVX-512: 4 zmm registers per accumulator row
+constexpr int kStripRows = 4;              // AVX2: rows of a block row per strip
 constexpr int64_t kMaxDotTokens = 4;  // up to this many tokens: dot products, no panels
 
 // One block row (`rows` valid rows, blocks [b0, b1)) against a panel of W = 8V tokens:
@@ -83,6 +87,50 @@ SPARSE_OPS_TARGET_AVX2_FMA void block_row_avx2(const BlockRow& a) {
     case 1: strip_avx2<1, V>(a, r); break;
     default: break;
   }
+}
+
+// The same with 16-lane zmm registers, W = 16·V tokens and strips of R rows (R·V accumulators: 16
+// or 8, enough independent multiply-add chains; 4 + R loads per R·V multiply-adds for V = 4).
+template <int R, int V>
+SPARSE_OPS_TARGET_AVX512 void strip_avx512(const BlockRow& a, int64_t r0) {
+  constexpr int64_t W = 16 * V;
+  __m512 acc[R][V];
+  UNROLL for (int i = 0; i < R; ++i) {
+    UNROLL for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
+  const int64_t bc = a.bc;
+  for (int64_t b = a.b0; b < a.b1; ++b) {
+    const int64_t k0 = static_cast<int64_t>(a.col[b]) * bc, cols = std::min(bc, a.K - k0);
+    const float* __restrict__ w = a.val + (b * a.br + r0) * bc;
+    const float* __restrict__ xk = a.panel + k0 * W;
+    for (int64_t j = 0; j < cols; ++j) {
+      __m512 xv[V];
+      UNROLL for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_ps(xk + j * W + 16 * v);
+      UNROLL for (int i = 0; i < R; ++i) {
+        const __m512 wi = _mm512_set1_ps(w[i * bc + j]);
+        UNROLL for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(wi, xv[v], acc[i][v]);
+      }
+    }
+  }
+  UNROLL for (int i = 0; i < R; ++i) {
+    UNROLL for (int v = 0; v < V; ++v) _mm512_storeu_ps(a.acc + (r0 + i) * W + 16 * v, acc[i][v]);
+  }
+}
+
+// the last `left` (< R) rows of a block row, from r0: one strip of exactly that many rows
+template <int R, int V>
+SPARSE_OPS_TARGET_AVX512 void last_strip_avx512(const BlockRow& a, int64_t r0, int64_t left) {
+  if constexpr (R > 0) {
+    left == R ? strip_avx512<R, V>(a, r0) : last_strip_avx512<R - 1, V>(a, r0, left);
+  }
+}
+
+template <int V>
+SPARSE_OPS_TARGET_AVX512 void block_row_avx512(const BlockRow& a) {
+  constexpr int R = V >= 3 ? 4 : 8;
+  int64_t r = 0;
+  for (; r + R <= a.rows; r += R) strip_avx512<R, V>(a, r);
+  if (r < a.rows) last_strip_avx512<R - 1, V>(a, r, a.rows - r);
 }
 
 // Σ of the 8 lanes
@@ -160,8 +208,19 @@ void dots_plain(const BlockRow& a, const float* xm, float* out) {
   }
 }
 
+// W: the tile's padded width (tiles from bsr_token_tiles: a multiple of 16 up to 64 with AVX-512,
+// 8 or 16 otherwise)
 void block_row(const BlockRow& a, int64_t W) {
 #ifdef SPARSE_OPS_AVX2_FMA
+  if (use_avx512()) {
+    switch (W / 16) {
+      case 1: block_row_avx512<1>(a); break;
+      case 2: block_row_avx512<2>(a); break;
+      case 3: block_row_avx512<3>(a); break;
+      default: block_row_avx512<4>(a); break;
+    }
+    return;
+  }
   if (use_avx2_fma()) {
     W == 8 ? block_row_avx2<1>(a) : block_row_avx2<2>(a);
     return;
@@ -205,34 +264,68 @@ BlockRow block_row_at(const Bsr<T>& w, int64_t i, int64_t K, int64_t rows, std::
   }
 }
 
-// M ≥ kMaxDotTokens + 1: panels of 16 tokens; per block row, every tile.
+// Token tiles for block_row: up to 64 tokens in multiples of 16 with AVX-512, else 16 in multiples of 8.
+inline TokenTiles bsr_token_tiles(int64_t M) {
+  return use_avx512() ? make_token_tiles(M, kTileTokensAvx512, 16) : make_token_tiles(M, kTileTokens);
+}
+
+// Block row a (rows n0 .. n0 + rows of y) against token tile j, written to y.
+template <typename T>
+void block_row_tile(BlockRow& a, const TokenTiles& tiles, int64_t j, int64_t n0, const float* bias, Activation act,
+                    T* y, int64_t N) {
+  const int64_t W = tiles.padded(j), rows = a.rows;
+  block_row(a, W);
+  if (act == Activation::kNone) {
+    store_tile<T>(a.acc, W, n0, n0 + rows, tiles.begin(j), tiles.size(j), bias, y, N);
+  } else {
+    finish_rows(a.acc, W, rows, W, bias != nullptr ? bias + n0 : nullptr, act);
+    store_tile<T>(a.acc, W, n0, n0 + rows, tiles.begin(j), tiles.size(j), nullptr, y, N);
+  }
+}
+
+// M ≥ kMaxDotTokens + 1: panels of token tiles. With at least as many tiles as threads (evenly
+// divisible, or 4 per thread) each thread takes whole tiles, packs each one's panel itself (it stays
+// in its L2) and runs every block row over it; otherwise all panels are packed first and the block
+// rows are split between the threads, each running its block rows over every tile.
 template <typename T>
 void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr<T>& w, const float* bias, Activation act, T* y,
                int64_t N) {
-  const TokenTiles tiles = make_token_tiles(M, kTileTokens);
+  const TokenTiles tiles = bsr_token_tiles(M);
+  const int64_t parts = worth_threads(M * static_cast<int64_t>(w.crow[w.block_rows]) * w.br * w.bc);
+  at::Tensor acc = at::empty({parts, w.br * tiles.width}, at::kFloat);
+  if (tiles.count >= parts && (tiles.count % parts == 0 || tiles.count >= 4 * parts)) {
+    at::Tensor panels = at::empty({parts, K * tiles.width}, at::kFloat);
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;  // fp16/bf16: the current block row's values as float32
+      for (int64_t part = begin; part < end; ++part) {
+        float* panel = panels.data_ptr<float>() + part * K * tiles.width;
+        for (int64_t j = tiles.count * part / parts; j < tiles.count * (part + 1) / parts; ++j) {
+          pack_tile<T>(x, K, tiles, j, panel);
+          for (int64_t i = 0; i < w.block_rows; ++i) {
+            const int64_t n0 = i * w.br;
+            BlockRow a = block_row_at(w, i, K, std::min(w.br, N - n0), scratch);
+            a.panel = panel;
+            a.acc = acc.data_ptr<float>() + part * w.br * tiles.width;
+            block_row_tile<T>(a, tiles, j, n0, bias, act, y, N);
+          }
+        }
+      }
+    });
+    return;
+  }
   at::Tensor panels = at::empty({tiles.panel_floats(K)}, at::kFloat);
   pack_panels<T>(x, K, tiles, panels.data_ptr<float>());
-  const int64_t parts = worth_threads(M * static_cast<int64_t>(w.crow[w.block_rows]) * w.br * w.bc);
   const std::vector<int64_t> cut = split_rows_by_entries(w.crow, w.block_rows, parts, 1);
-  at::Tensor acc = at::empty({parts, w.br * kTileTokens}, at::kFloat);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;  // fp16/bf16: the current block row's values as float32
+    std::vector<float> scratch;
     for (int64_t part = begin; part < end; ++part) {
-      float* part_acc = acc.data_ptr<float>() + part * w.br * kTileTokens;  // rows × W floats
       for (int64_t i = cut[part]; i < cut[part + 1]; ++i) {
-        const int64_t n0 = i * w.br, rows = std::min(w.br, N - n0);
-        BlockRow a = block_row_at(w, i, K, rows, scratch);
-        a.acc = part_acc;
+        const int64_t n0 = i * w.br;
+        BlockRow a = block_row_at(w, i, K, std::min(w.br, N - n0), scratch);
+        a.acc = acc.data_ptr<float>() + part * w.br * tiles.width;  // rows × W floats
         for (int64_t j = 0; j < tiles.count; ++j) {
-          const int64_t W = tiles.padded(j);
           a.panel = panels.data_ptr<float>() + tiles.begin(j) * K;
-          block_row(a, W);
-          if (act == Activation::kNone) {
-            store_tile<T>(a.acc, W, n0, n0 + rows, tiles.begin(j), tiles.size(j), bias, y, N);
-          } else {
-            finish_rows(a.acc, W, rows, W, bias != nullptr ? bias + n0 : nullptr, act);
-            store_tile<T>(a.acc, W, n0, n0 + rows, tiles.begin(j), tiles.size(j), nullptr, y, N);
-          }
+          block_row_tile<T>(a, tiles, j, n0, bias, act, y, N);
         }
       }
     }

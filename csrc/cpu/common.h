@@ -496,23 +496,25 @@ constexpr int64_t kTokenLanes = 8;  // float32 lanes of an AVX register: tiles a
 
 struct TokenTiles {
   int64_t tokens;  // M
-  int64_t width;   // tokens per tile (a multiple of kTokenLanes); the last tile may hold fewer
+  int64_t width;   // tokens per tile (a multiple of lanes); the last tile may hold fewer
   int64_t count;
+  int64_t lanes;   // panel and accumulator rows are padded to a multiple of this (8, or 16 for zmm kernels)
 
   int64_t begin(int64_t j) const { return j * width; }
   int64_t size(int64_t j) const { return std::min(width, tokens - j * width); }
   // floats per panel row (and accumulator row) of tile j
-  int64_t padded(int64_t j) const { return (size(j) + kTokenLanes - 1) / kTokenLanes * kTokenLanes; }
+  int64_t padded(int64_t j) const { return (size(j) + lanes - 1) / lanes * lanes; }
   // tile j's panel starts at begin(j)·K floats; all panels together:
   int64_t panel_floats(int64_t K) const { return (begin(count - 1) + padded(count - 1)) * K; }
 };
 
-// Tiles of at most max_width tokens (a multiple of 8), all of about the same size.
-inline TokenTiles make_token_tiles(int64_t M, int64_t max_width) {
+// Tiles of at most max_width tokens (a multiple of lanes, itself a multiple of 8), all of about the
+// same size.
+inline TokenTiles make_token_tiles(int64_t M, int64_t max_width, int64_t lanes = kTokenLanes) {
   const int64_t count = (M + max_width - 1) / max_width;
   const int64_t per_tile = (M + count - 1) / count;
-  const int64_t width = (per_tile + kTokenLanes - 1) / kTokenLanes * kTokenLanes;
-  return TokenTiles{M, width, (M + width - 1) / width};
+  const int64_t width = (per_tile + lanes - 1) / lanes * lanes;
+  return TokenTiles{M, width, (M + width - 1) / width, lanes};
 }
 
 // Split rows [0, rows) (CSR rows or BSR block rows, offsets `crow`) into `parts` ranges of about
@@ -634,8 +636,8 @@ template <typename T>
 void pack_block(const T* x, int64_t K, const TokenTiles& tiles, int64_t j, int64_t k0, int64_t cols, float* panel_j) {
   const int64_t stride = tiles.padded(j);
   float* panel = panel_j + k0 * stride;
-  for (int64_t t = 0; t < tiles.size(j); t += kTokenLanes) {
-    const int64_t rows = std::min(kTokenLanes, tiles.size(j) - t);
+  for (int64_t t = 0; t < tiles.padded(j); t += kTokenLanes) {  // tokens past the tile's size: +0
+    const int64_t rows = std::clamp<int64_t>(tiles.size(j) - t, 0, kTokenLanes);
     const T* xs = x + (tiles.begin(j) + t) * K + k0;
 #ifdef SPARSE_OPS_AVX2_FMA
     if (use_avx2_fma()) {
