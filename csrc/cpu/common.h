@@ -492,6 +492,27 @@ inline bool use_avx512() {
 #endif
 }
 
+// run_vectorised with a third copy of body compiled for AVX-512F (16-lane registers), for the
+// sparse linear kernels' epilogues (bias, GELU): the same IEEE operations in the same order (FMA is
+// not contracted: -ffp-contract=off), so the result is bit-identical to the other copies'.
+#ifdef SPARSE_OPS_AVX2_DISPATCH
+template <typename F>
+__attribute__((target("avx512f,avx2"), flatten)) void run_avx512(const F& body) {
+  body();
+}
+#endif
+
+template <typename F>
+inline void run_vectorised_wide(const F& body) {
+#ifdef SPARSE_OPS_AVX2_DISPATCH
+  if (use_avx512()) {
+    run_avx512(body);
+    return;
+  }
+#endif
+  run_vectorised(body);
+}
+
 constexpr int64_t kTokenLanes = 8;  // float32 lanes of an AVX register: tiles are multiples of 8 tokens
 
 struct TokenTiles {
@@ -798,7 +819,7 @@ inline float gelu_f32(float v) {
 
 // acc[r·stride + t] = act(acc[r·stride + t] + bias[r]) for r < rows, t < width (bias may be null).
 inline void finish_rows(float* acc, int64_t stride, int64_t rows, int64_t width, const float* bias, Activation act) {
-  run_vectorised([&] {
+  run_vectorised_wide([&] {
     for (int64_t r = 0; r < rows; ++r) {
       float* __restrict__ a = acc + r * stride;
       const float b = bias != nullptr ? bias[r] : 0.0f;
@@ -813,7 +834,7 @@ inline void finish_rows(float* acc, int64_t stride, int64_t rows, int64_t width,
 
 // s[i] = act(s[i] + bias[i]) for i < n (bias may be null): one token's outputs.
 inline void finish_vector(float* s, int64_t n, const float* bias, Activation act) {
-  run_vectorised([&] {
+  run_vectorised_wide([&] {
     float* __restrict__ a = s;
     if (act == Activation::kGelu) {
       if (bias != nullptr) {
