@@ -15,8 +15,8 @@
 // converted to float32 one block row at a time, into a per-thread buffer of that row's blocks, just
 // before its products: the weight is never converted (nor copied) as a whole.
 //
-// Algorithm (see common.h, "sparse linear layers"): block rows are split between threads by stored
-// blocks.
+// Algorithm (see common.h, "sparse linear layers"): threads split the block rows by stored blocks,
+// or (M ≥ 5, enough token tiles) take whole tiles.
 //  * M ≤ 4: per output row, dot products of the block rows' values with x (8 columns per vector).
 //  * M ≥ 5: x is packed into float32 panels of token tiles (x transposed). A block row is done in
 //    strips of rows: for each column j of each block, one panel row is multiplied by the strip's
@@ -283,23 +283,23 @@ void block_row_tile(BlockRow& a, const TokenTiles& tiles, int64_t j, int64_t n0,
   }
 }
 
-// M ≥ kMaxDotTokens + 1: panels of token tiles. With at least as many tiles as threads (evenly
-// divisible, or 4 per thread) each thread takes whole tiles, packs each one's panel itself (it stays
-// in its L2) and runs every block row over it; otherwise all panels are packed first and the block
-// rows are split between the threads, each running its block rows over every tile.
+// M ≥ kMaxDotTokens + 1: panels of token tiles. Where split_by_tiles says so each thread takes whole
+// tiles, packs each one's panel itself (it stays in its L2) and runs every block row over it;
+// otherwise all panels are packed first and each thread runs its share of the block rows over every
+// tile.
 template <typename T>
 void bsr_tiles(const T* x, int64_t M, int64_t K, const Bsr<T>& w, const float* bias, Activation act, T* y,
                int64_t N) {
   const TokenTiles tiles = bsr_token_tiles(M);
   const int64_t parts = worth_threads(M * static_cast<int64_t>(w.crow[w.block_rows]) * w.br * w.bc);
   at::Tensor acc = at::empty({parts, w.br * tiles.width}, at::kFloat);
-  if (tiles.count >= parts && (tiles.count % parts == 0 || tiles.count >= 4 * parts)) {
+  if (split_by_tiles(tiles, parts)) {
     at::Tensor panels = at::empty({parts, K * tiles.width}, at::kFloat);
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;  // fp16/bf16: the current block row's values as float32
       for (int64_t part = begin; part < end; ++part) {
         float* panel = panels.data_ptr<float>() + part * K * tiles.width;
-        for (int64_t j = tiles.count * part / parts; j < tiles.count * (part + 1) / parts; ++j) {
+        for (int64_t j = first_tile(tiles, part, parts); j < first_tile(tiles, part + 1, parts); ++j) {
           pack_tile<T>(x, K, tiles, j, panel);
           for (int64_t i = 0; i < w.block_rows; ++i) {
             const int64_t n0 = i * w.br;

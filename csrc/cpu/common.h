@@ -553,6 +553,18 @@ inline std::vector<int64_t> split_rows_by_entries(const int32_t* crow, int64_t r
   return cut;
 }
 
+// Whether `parts` threads should each take whole token tiles (each packing its own panels, which
+// then stay in its L2) rather than split the rows: when every thread gets a tile and the tiles
+// divide evenly, or there are at least 4 per thread.
+inline bool split_by_tiles(const TokenTiles& tiles, int64_t parts) {
+  return tiles.count >= parts && (tiles.count % parts == 0 || tiles.count >= 4 * parts);
+}
+
+// First tile of thread `part` of `parts` (its tiles end where part + 1's begin).
+inline int64_t first_tile(const TokenTiles& tiles, int64_t part, int64_t parts) {
+  return tiles.count * part / parts;
+}
+
 // Threads worth using for `work` multiply-adds: one per `min_work` (default ~64K: a thread's start-up
 // costs microseconds).
 inline int64_t worth_threads(int64_t work, int64_t min_work = int64_t{1} << 16) {

@@ -278,23 +278,22 @@ void csr_tile_rows(const TokenTiles& tiles, int64_t j, int64_t n0, int64_t n1, c
   }
 }
 
-// M ≥ 2 (see the file comment). With at least as many token tiles as threads (evenly divisible, or
-// 4 per thread), each thread takes whole tiles: it packs a tile's panel itself, into its own buffer
-// that stays in its L2, and runs every row over it. Otherwise (fewer tiles than threads) all panels
-// are packed first and the rows are split between the threads.
+// M ≥ 2 (see the file comment). Where split_by_tiles says so each thread takes whole token tiles: it
+// packs a tile's panel into its own buffer (which stays in its L2) and runs every row over it.
+// Otherwise all panels are packed first and the rows are split between the threads.
 template <typename T, typename I>
 void csr_tiles(const T* x, int64_t M, int64_t K, const int32_t* crow, const I* col, const T* val, const float* bias,
                Activation act, T* y, int64_t N) {
   const TokenTiles tiles = make_token_tiles(M, kMaxTileTokens);
   const int64_t parts = worth_threads(M * static_cast<int64_t>(crow[N]));
-  if (tiles.count >= parts && (tiles.count % parts == 0 || tiles.count >= 4 * parts)) {
+  if (split_by_tiles(tiles, parts)) {
     at::Tensor panels = at::empty({parts, K * tiles.width}, at::kFloat);
     at::Tensor acc = at::empty({parts, N * tiles.width}, at::kFloat);
     at::Tensor cursors = at::empty({parts, N}, at::kLong);
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       for (int64_t part = begin; part < end; ++part) {
         float* panel = panels.data_ptr<float>() + part * K * tiles.width;
-        for (int64_t j = tiles.count * part / parts; j < tiles.count * (part + 1) / parts; ++j) {
+        for (int64_t j = first_tile(tiles, part, parts); j < first_tile(tiles, part + 1, parts); ++j) {
           pack_tile<T>(x, K, tiles, j, panel);
           csr_tile_rows<T, I>(tiles, j, 0, N, panel, K, crow, col, val, bias, act, y, N,
                               acc.data_ptr<float>() + part * N * tiles.width, cursors.data_ptr<int64_t>() + part * N);
