@@ -625,7 +625,9 @@ SPARSE_OPS_TARGET_AVX2_FMA void pack_tokens_avx2(const T* x, int64_t K, int64_t 
     __m256 r[8];
     for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? load8_f32(x + i * K + k0) : _mm256_setzero_ps();
     if (k0 % 16 == 0) {  // the same place of the next block of columns: x is read as `rows` streams
-      for (int64_t i = 0; i < rows; ++i) _mm_prefetch(reinterpret_cast<const char*>(x + i * K + k0 + cols), _MM_HINT_T0);
+      for (int64_t i = 0; i < rows; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(x + i * K + k0 + cols), _MM_HINT_T0);
+      }
     }
     transpose8x8(r);
     for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k0 + i) * stride, r[i]);
