@@ -160,6 +160,19 @@ def test_rows_of_very_different_lengths_split_between_threads():
         torch.set_num_threads(threads)
 
 
+def two_threads_equal_one(x, weight, crow, col, values, bias):
+    """On two threads the result matches float64 and equals the single-thread result bit for bit."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = run(x, weight, crow, col, values, bias)
+        check_against_float64(y, x, weight, bias)
+        torch.set_num_threads(1)
+        assert torch.equal(OPS.csr_linear_cpu(x, crow, col, values, bias, weight.shape[0]), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_kernel
 @pytest.mark.parametrize("tokens", [64, 128, 192, 520])
 def test_threads_split_rows_or_token_tiles(tokens):
@@ -169,15 +182,7 @@ def test_threads_split_rows_or_token_tiles(tokens):
     g = torch.Generator().manual_seed(7)
     weight, crow, col, values = random_csr_weight(300, 700, 0.3, torch.float32, g, empty_rows=range(0, 300, 11))
     x, bias = inputs(tokens, 700, 300, torch.float32, "cpu", g, with_bias=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        y = run(x, weight, crow, col, values, bias)
-        check_against_float64(y, x, weight, bias)
-        torch.set_num_threads(1)
-        assert torch.equal(OPS.csr_linear_cpu(x, crow, col, values, bias, 300), y)
-    finally:
-        torch.set_num_threads(threads)
+    two_threads_equal_one(x, weight, crow, col, values, bias)
 
 
 @needs_kernel
@@ -187,15 +192,7 @@ def test_one_token_split_between_threads():
     g = torch.Generator().manual_seed(5)
     weight, crow, col, values = random_csr_weight(600, 900, 0.1, torch.float32, g, empty_rows=range(0, 600, 7))
     x, bias = inputs(1, 900, 600, torch.float32, "cpu", g, with_bias=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        y = run(x, weight, crow, col, values, bias)
-        check_against_float64(y, x, weight, bias)
-        torch.set_num_threads(1)
-        assert torch.equal(OPS.csr_linear_cpu(x, crow, col, values, bias, 600), y)
-    finally:
-        torch.set_num_threads(threads)
+    two_threads_equal_one(x, weight, crow, col, values, bias)
 
 
 @needs_kernel
