@@ -219,21 +219,28 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int, repeats: int,
 
 
 def time_interleaved(timers: dict[str, Callable[[], float]], *, warmup: int, repeats: int,
-                     gap_s: float = 0.0) -> dict[str, Timing]:
-    """{name: Timing} of contenders timed in turn, one call each per round (`warmup` untimed rounds, then
-    `repeats` timed ones): on a machine whose speed drifts, every contender sees the same drift, so their
+                     gap_s: float = 0.0, burst: int = 1, warm_calls: int = 0) -> dict[str, Timing]:
+    """{name: Timing} of contenders timed in turn (`warmup` untimed rounds, then timed rounds until each has
+    `repeats` timed calls): on a machine whose speed drifts, every contender sees the same drift, so their
     ratios hold where timings taken one contender after another do not. A timer makes one call and returns
-    its ms (call_ms, or a peer process that times itself). gap_s: an untimed pause before each call, so
-    that the thread pool of the contender before (ONNX Runtime's, DeepSparse's and OpenMP's spin on
-    after a call) has gone idle and does not steal cores from the next."""
+    its ms (call_ms, or a peer process that times itself).
+    In each round every contender in turn: waits gap_s (so that the thread pool of the contender before,
+    ONNX Runtime's, DeepSparse's and OpenMP's, which spin on after a call, has gone idle and does not steal
+    cores from the next), makes `warm_calls` untimed calls (its own threads, woken from that idle, and its
+    caches are warm again: DeepSparse takes several times longer on its first call after an idle pause),
+    then `burst` timed calls back to back."""
     times = {name: [] for name in timers}
-    for i in range(warmup + repeats):
+    rounds = warmup + -(-repeats // burst)
+    for i in range(rounds):
         for name, timer in timers.items():
             if gap_s:
                 time.sleep(gap_s)
-            elapsed = timer()
-            if i >= warmup:
-                times[name].append(elapsed)
+            for _ in range(warm_calls):
+                timer()
+            for _ in range(burst):
+                elapsed = timer()
+                if i >= warmup and len(times[name]) < repeats:
+                    times[name].append(elapsed)
     return {name: summarize(t) for name, t in times.items()}
 
 

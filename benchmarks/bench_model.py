@@ -8,8 +8,10 @@ element (exported as CSR) or in 32×32 blocks by block L2 norm (exported as BSR)
 `sparse_ops.export(model, format)` swaps them for SparseLinear. format "auto" lets export measure.
 Timing: model(input_ids, attention_mask) under torch.inference_mode, batch × sequence tokens, median
 (p20/p80) over --repeats calls; dense, exported, exported with Q/K/V apart and the peers are timed
-interleaved (one call of each in turn per round: _common.time_interleaved; on CPU with 0.2 s idle
-before each call), so the drift of a noisy machine hits them all alike. check: the exported
+interleaved (each in turn per round: _common.time_interleaved), so the drift of a noisy machine hits
+them all alike; on CPU each contender's turn is 0.2 s idle (the spinning thread pool of the one before
+goes quiet), 3 untimed calls (its own pool and caches warm up again: DeepSparse's first calls after an
+idle pause take 2-10× its steady time) and then 5 timed calls back to back. check: the exported
 model's last hidden state matches the pruned dense model's (max abs error, relative to its scale).
 --compile: also torch.compile (inductor) of the dense and of the exported model, checked the same way
 and timed in the same rounds.
@@ -42,7 +44,8 @@ FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format",
           "compiled_speedup", *_peers.FIELDS, "device", "versions", "commit", "date")
 DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
             "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
-GAP_S = 0.2  # CPU: idle before each timed call, so the thread pools of the contender before stop spinning
+# CPU turns: idle (the pools before stop spinning), untimed calls (own pool and caches warm), timed calls
+CPU_TURN = {"gap_s": 0.2, "warm_calls": 3, "burst": 5}
 CPU_BERT_MAX_TOKENS = 1024  # BERT-base at 32×128 takes seconds per call on a 2-core CPU
 
 
@@ -195,7 +198,7 @@ def main() -> None:
                     try:
                         with torch.inference_mode():
                             t = C.time_interleaved(timers, warmup=args.warmup, repeats=args.repeats,
-                                                   gap_s=GAP_S if args.device == "cpu" else 0.0)
+                                                   **(CPU_TURN if args.device == "cpu" else {}))
                     finally:
                         for peer in peers.values():
                             peer.close()
@@ -228,6 +231,9 @@ def main() -> None:
         (f"dtype {dtype}; attention, embeddings and LayerNorm stay dense in every row; the intermediate GELU is fused "
          "into its sparse layer (export fuse_activations=True) and Q, K, V run as one stacked op (stack_qkv=True); "
          "qkv_apart_ms times the same export with stack_qkv=False")]
+    if args.device == "cpu":
+        notes.append("timing: contenders in turn per round; each turn is {gap_s} s idle, {warm_calls} untimed calls, "
+                     "then {burst} timed calls back to back".format(**CPU_TURN))
     notes += _peers.notes() if args.peers else []
     base_path = C.write_rows(rows, args.out, "model" + ("_quick" if args.quick else ""), meta=C.run_meta(env, args),
                              notes=notes, fields=FIELDS)

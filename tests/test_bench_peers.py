@@ -129,6 +129,20 @@ def test_time_interleaved_calls_each_contender_once_per_round():
     assert (t["a"].median_ms, t["b"].median_ms) == (1.0, 3.0)
 
 
+def test_time_interleaved_turns_warm_up_then_time_a_burst():
+    calls, ms = [], iter(range(1000))
+
+    def timer(name):
+        return lambda: calls.append(name) or float(next(ms))
+
+    # 1 warmup round + ceil(5 / 2) = 3 timed rounds; each turn: 1 untimed call, then 2 timed calls
+    t = C.time_interleaved({"a": timer("a"), "b": timer("b")}, warmup=1, repeats=5, burst=2, warm_calls=1)
+    assert calls == ["a"] * 3 + ["b"] * 3 + (["a"] * 3 + ["b"] * 3) * 3
+    # the calls that count: a's timed ones (the 2nd and 3rd of each of its turns), 5 of the 6
+    assert t["a"].median_ms == sorted([7.0, 8.0, 13.0, 14.0, 19.0])[2]
+    assert t["b"].median_ms == sorted([10.0, 11.0, 16.0, 17.0, 22.0])[2]
+
+
 def test_worker_lines_skip_banners_and_report_exit_and_silence():
     import io
 
