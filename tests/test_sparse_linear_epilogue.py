@@ -79,6 +79,19 @@ def test_gelu_of_extreme_values():
     assert_tolerance(y, ref64, F.gelu(pre), "gelu tails")
 
 
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_gelu_on_a_fine_grid(tokens):
+    """Every pre-activation in [-10, 10] by steps of 1/202 (both GELU code paths: one token, and token
+    tiles, whose widths are not all multiples of the vector width), against float64."""
+    pre = torch.linspace(-10.0, 10.0, 4040).view(tokens, -1)
+    eye = torch.eye(pre.shape[1])
+    for fmt, triple in (("csr", dense_to_csr(eye)), ("bsr", dense_to_bsr(eye, (4, 4)))):
+        op = OPS.csr_linear if fmt == "csr" else OPS.bsr_linear
+        y = op(pre, *triple, None, pre.shape[1], "gelu")
+        assert_tolerance(y, F.gelu(pre.double()), F.gelu(pre), f"{fmt} gelu grid, {tokens} tokens")
+
+
 def test_activation_is_checked():
     weight, bias, _ = pruned(4, 6, 0.5, torch.float32, seed=0)
     with pytest.raises(ValueError, match="activation must be one of"):

@@ -831,8 +831,66 @@ inline float gelu_f32(float v) {
   return v * phi;
 }
 
+#ifdef SPARSE_OPS_AVX2_FMA
+// gelu_f32 on 16 lanes with fused multiply-adds: the same formulas (A&S 7.1.26 erfc, the Cody-Waite
+// exp with Cephes' polynomial), with 1/(1 + p·z) as rcp14 plus one Newton step (relative error
+// ~1e-8, far under the erfc formula's 1.5e-7) and ·2^n as one vscalefps. Rounding differs from
+// gelu_f32's (FMA), the error bound is the same; the tails too: e^(−z²) is 0 below −87.3365.
+SPARSE_OPS_TARGET_AVX512 inline __m512 gelu_avx512(__m512 v) {
+  // (the maskz forms with all lanes set: GCC's unmasked ones read an undefined register and warn)
+  constexpr __mmask16 all = 0xFFFF;
+  const __m512 abs_v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
+  const __m512 z = _mm512_mul_ps(abs_v, _mm512_set1_ps(0.70710678118654752f));
+  const __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, _mm512_set1_ps(1.0f));
+  __m512 t = _mm512_maskz_rcp14_ps(all, d);
+  t = _mm512_fmadd_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(1.0f)), t);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
+  q = _mm512_mul_ps(q, t);
+  // e^x, x = −z² ≤ 0 (NaN passes through)
+  const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654022216797f), _CMP_LT_OQ);
+  const __m512 n = _mm512_maskz_roundscale_ps(all, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512 e = _mm512_maskz_scalef_ps(static_cast<__mmask16>(~under), p, n);
+  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(q, e), _mm512_set1_ps(0.5f));  // ½·erfc(|v|/√2)
+  const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 phi = _mm512_mask_mov_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), half_erfc), negative, half_erfc);
+  return _mm512_mul_ps(v, phi);
+}
+
+// a[i] = gelu(a[i] + b[i]) for i < n, b[i] = bias[i] (bias_step 1), bias[0] (bias_step 0) or 0 (null).
+SPARSE_OPS_TARGET_AVX512 inline void gelu_span_avx512(float* a, int64_t n, const float* bias, int64_t bias_step) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, a + i);
+    if (bias != nullptr) {
+      v = _mm512_add_ps(v, bias_step == 0 ? _mm512_set1_ps(bias[0]) : _mm512_maskz_loadu_ps(m, bias + i));
+    }
+    _mm512_mask_storeu_ps(a + i, m, gelu_avx512(v));
+  }
+}
+#endif
+
 // acc[r·stride + t] = act(acc[r·stride + t] + bias[r]) for r < rows, t < width (bias may be null).
+// GELU on AVX-512 CPUs: gelu_avx512 (about 3× the speed of the compiler-vectorised gelu_f32).
 inline void finish_rows(float* acc, int64_t stride, int64_t rows, int64_t width, const float* bias, Activation act) {
+#ifdef SPARSE_OPS_AVX2_FMA
+  if (act == Activation::kGelu && use_avx512()) {
+    for (int64_t r = 0; r < rows; ++r) gelu_span_avx512(acc + r * stride, width, bias != nullptr ? bias + r : nullptr, 0);
+    return;
+  }
+#endif
   run_vectorised_wide([&] {
     for (int64_t r = 0; r < rows; ++r) {
       float* __restrict__ a = acc + r * stride;
@@ -848,6 +906,12 @@ inline void finish_rows(float* acc, int64_t stride, int64_t rows, int64_t width,
 
 // s[i] = act(s[i] + bias[i]) for i < n (bias may be null): one token's outputs.
 inline void finish_vector(float* s, int64_t n, const float* bias, Activation act) {
+#ifdef SPARSE_OPS_AVX2_FMA
+  if (act == Activation::kGelu && use_avx512()) {
+    gelu_span_avx512(s, n, bias, 1);
+    return;
+  }
+#endif
   run_vectorised_wide([&] {
     float* __restrict__ a = s;
     if (act == Activation::kGelu) {

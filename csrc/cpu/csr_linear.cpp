@@ -8,7 +8,8 @@
 //   index contents, for callers that validated these tensors already (SparseLinear does, once).
 //
 // Numerics: float32, float16 and bfloat16; products and sums in float32 (fused multiply-adds on the
-// AVX2 path), the bias added in float32, GELU in float32 (gelu_f32 in common.h, error ≤ 0.75e-7·|v|)
+// AVX2 path), the bias added in float32, GELU in float32 (gelu_f32 in common.h, or its FMA
+// copy gelu_avx512 on AVX-512 CPUs; error ≤ 0.75e-7·|v| either way)
 // and the result rounded once to x.dtype. fp16/bf16 values are read as stored and converted one by
 // one: the weight is never converted as a whole. The order of the sums differs from PyTorch's dense
 // F.linear, so results agree with it to rounding (the tests use flash-attention's rule: at most
