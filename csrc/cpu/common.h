@@ -246,6 +246,10 @@ inline void run_vectorised(const F& body) {
 // of two (each exponent in [-63, 64], so no step overflows or goes subnormal early).
 // exp(x) = +inf for x > 88.7228 (past log(FLT_MAX)), 0 for x < -87.3365 (where e^x would be
 // subnormal; the callers add it to 1, so flushing loses nothing), NaN for NaN.
+// Cephes' polynomial for (e^r − 1 − r)/r², highest degree first (exp_f32 and the GELU copies below)
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 inline float exp_f32(float x) {
   constexpr float kHi = 88.72283935546875f;   // > log(FLT_MAX): e^x overflows beyond
   constexpr float kLo = -87.33654022216797f;  // ≈ log(FLT_MIN)
@@ -259,12 +263,9 @@ inline float exp_f32(float x) {
   float r = xc - n * 0.693359375f;  // ln2 split in two (Cephes C1, C2): n·C1 is exact
   r = r - n * -2.12194440e-4f;
   const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = kExpPoly[0];
+#pragma GCC unroll 8
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
   p = p * r2 + r + 1.0f;
   const int32_t n1 = ni >> 1, n2 = ni - n1;  // unsigned shifts below: no UB when x is NaN
   const float scale1 = bit_cast<float>(static_cast<uint32_t>(n1 + 127) << 23);
@@ -818,14 +819,14 @@ inline Activation parse_activation(const std::string& name) {
 // GELU(v) = v·Φ(v), Φ(v) = ½·erfc(−v/√2), branch-free (loops over it vectorise). erfc(z), z = |v|/√2,
 // is Abramowitz & Stegun 7.1.26: t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·e^(−z²), t = 1/(1 + p·z),
 // absolute error ≤ 1.5e-7, so |GELU error| ≤ 0.75e-7·|v| (about one float32 ulp of the result).
+constexpr float kErfcPoly[5] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f};  // a5 … a1
+
 inline float gelu_f32(float v) {
   const float z = std::fabs(v) * 0.70710678118654752f;
   const float t = 1.0f / (1.0f + 0.3275911f * z);
-  float q = 1.061405429f;
-  q = q * t - 1.453152027f;
-  q = q * t + 1.421413741f;
-  q = q * t - 0.284496736f;
-  q = q * t + 0.254829592f;
+  float q = kErfcPoly[0];
+#pragma GCC unroll 8
+  for (int i = 1; i < 5; ++i) q = q * t + kErfcPoly[i];
   const float erfc_z = q * t * exp_f32(-z * z);           // erfc(|v|/√2)
   const float phi = select_f32(v < 0.0f, 0.5f * erfc_z, 1.0f - 0.5f * erfc_z);
   return v * phi;
@@ -839,10 +840,9 @@ SPARSE_OPS_TARGET_AVX2_FMA inline __m256 gelu_avx2(__m256 v) {
   const __m256 abs_v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
   const __m256 z = _mm256_mul_ps(abs_v, _mm256_set1_ps(0.70710678118654752f));
   const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, _mm256_set1_ps(1.0f)));
-  __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
-  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(1.421413741f));
-  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-0.284496736f));
-  q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.254829592f));
+  __m256 q = _mm256_set1_ps(kErfcPoly[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 5; ++i) q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(kErfcPoly[i]));
   q = _mm256_mul_ps(q, t);
   const __m256 x0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z);
   const __m256 lo = _mm256_set1_ps(-87.33654022216797f);
@@ -852,11 +852,9 @@ SPARSE_OPS_TARGET_AVX2_FMA inline __m256 gelu_avx2(__m256 v) {
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 e = _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
@@ -901,10 +899,9 @@ SPARSE_OPS_TARGET_AVX512 inline __m512 gelu_avx512(__m512 v) {
   const __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, _mm512_set1_ps(1.0f));
   __m512 t = _mm512_maskz_rcp14_ps(all, d);
   t = _mm512_fmadd_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(1.0f)), t);
-  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
+  __m512 q = _mm512_set1_ps(kErfcPoly[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 5; ++i) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(kErfcPoly[i]));
   q = _mm512_mul_ps(q, t);
   // e^x, x = −z² ≤ 0 (NaN passes through)
   const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z);
@@ -913,11 +910,9 @@ SPARSE_OPS_TARGET_AVX512 inline __m512 gelu_avx512(__m512 v) {
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   const __m512 e = _mm512_maskz_scalef_ps(static_cast<__mmask16>(~under), p, n);
   const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(q, e), _mm512_set1_ps(0.5f));  // ½·erfc(|v|/√2)
