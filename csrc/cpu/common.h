@@ -839,7 +839,8 @@ inline float gelu_f32(float v) {
 SPARSE_OPS_TARGET_AVX2_FMA inline __m256 gelu_avx2(__m256 v) {
   const __m256 abs_v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
   const __m256 z = _mm256_mul_ps(abs_v, _mm256_set1_ps(0.70710678118654752f));
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, _mm256_set1_ps(1.0f)));
+  const __m256 d = _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, _mm256_set1_ps(1.0f));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), d);
   __m256 q = _mm256_set1_ps(kErfcPoly[0]);
 #pragma GCC unroll 8
   for (int i = 1; i < 5; ++i) q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(kErfcPoly[i]));
@@ -884,9 +885,7 @@ SPARSE_OPS_TARGET_AVX2_FMA inline void gelu_span_avx2(float* a, int64_t n, const
     std::memcpy(a + i, va, sizeof(float) * (n - i));
   }
 }
-#endif
 
-#ifdef SPARSE_OPS_AVX2_FMA
 // gelu_f32 on 16 lanes with fused multiply-adds: the same formulas (A&S 7.1.26 erfc, the Cody-Waite
 // exp with Cephes' polynomial), with 1/(1 + p·z) as rcp14 plus one Newton step (relative error
 // ~1e-8, far under the erfc formula's 1.5e-7) and ·2^n as one vscalefps. Rounding differs from
