@@ -249,19 +249,21 @@ inline void run_vectorised(const F& body) {
 // Cephes' polynomial for (e^r − 1 − r)/r², highest degree first (exp_f32 and the GELU copies below)
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr float kExpLo = -87.33654022216797f;       // ≈ log(FLT_MIN): e^x is flushed to 0 below
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln2 split in two (Cephes C1, C2)
 
 inline float exp_f32(float x) {
   constexpr float kHi = 88.72283935546875f;   // > log(FLT_MAX): e^x overflows beyond
-  constexpr float kLo = -87.33654022216797f;  // ≈ log(FLT_MIN)
   constexpr float kShift = 12582912.0f;       // 1.5·2^23: adding it rounds to an integer
-  const bool over = x > kHi, under = x < kLo;  // both false for NaN: it passes through
+  const bool over = x > kHi, under = x < kExpLo;  // both false for NaN: it passes through
   float xc = select_f32(over, kHi, x);
-  xc = select_f32(under, kLo, xc);
-  const float t = xc * 1.44269504088896341f + kShift;
+  xc = select_f32(under, kExpLo, xc);
+  const float t = xc * kLog2e + kShift;
   const float n = t - kShift;  // round(x·log2 e), in [-126, 128]
   const int32_t ni = bit_cast<int32_t>(t) - bit_cast<int32_t>(kShift);
-  float r = xc - n * 0.693359375f;  // ln2 split in two (Cephes C1, C2): n·C1 is exact
-  r = r - n * -2.12194440e-4f;
+  float r = xc - n * kLn2Hi;  // n·kLn2Hi is exact
+  r = r - n * kLn2Lo;
   const float r2 = r * r;
   float p = kExpPoly[0];
 #pragma GCC unroll 8
@@ -820,10 +822,11 @@ inline Activation parse_activation(const std::string& name) {
 // is Abramowitz & Stegun 7.1.26: t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·e^(−z²), t = 1/(1 + p·z),
 // absolute error ≤ 1.5e-7, so |GELU error| ≤ 0.75e-7·|v| (about one float32 ulp of the result).
 constexpr float kErfcPoly[5] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f};  // a5 … a1
+constexpr float kErfcP = 0.3275911f, kInvSqrt2 = 0.70710678118654752f;
 
 inline float gelu_f32(float v) {
-  const float z = std::fabs(v) * 0.70710678118654752f;
-  const float t = 1.0f / (1.0f + 0.3275911f * z);
+  const float z = std::fabs(v) * kInvSqrt2;
+  const float t = 1.0f / (1.0f + kErfcP * z);
   float q = kErfcPoly[0];
 #pragma GCC unroll 8
   for (int i = 1; i < 5; ++i) q = q * t + kErfcPoly[i];
@@ -838,21 +841,21 @@ inline float gelu_f32(float v) {
 // clamped at −87.3365, below which e^x is 0). Rounding differs from gelu_f32's (FMA), the bound not.
 SPARSE_OPS_TARGET_AVX2_FMA inline __m256 gelu_avx2(__m256 v) {
   const __m256 abs_v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
-  const __m256 z = _mm256_mul_ps(abs_v, _mm256_set1_ps(0.70710678118654752f));
-  const __m256 d = _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, _mm256_set1_ps(1.0f));
+  const __m256 z = _mm256_mul_ps(abs_v, _mm256_set1_ps(kInvSqrt2));
+  const __m256 d = _mm256_fmadd_ps(_mm256_set1_ps(kErfcP), z, _mm256_set1_ps(1.0f));
   const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), d);
   __m256 q = _mm256_set1_ps(kErfcPoly[0]);
 #pragma GCC unroll 8
   for (int i = 1; i < 5; ++i) q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(kErfcPoly[i]));
   q = _mm256_mul_ps(q, t);
   const __m256 x0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z);
-  const __m256 lo = _mm256_set1_ps(-87.33654022216797f);
+  const __m256 lo = _mm256_set1_ps(kExpLo);
   const __m256 under = _mm256_cmp_ps(x0, lo, _CMP_LT_OQ);
   const __m256 x = _mm256_max_ps(lo, x0);  // x0 second: a NaN passes through
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
   __m256 p = _mm256_set1_ps(kExpPoly[0]);
 #pragma GCC unroll 8
   for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
@@ -894,8 +897,8 @@ SPARSE_OPS_TARGET_AVX512 inline __m512 gelu_avx512(__m512 v) {
   // (the maskz forms with all lanes set: GCC's unmasked ones read an undefined register and warn)
   constexpr __mmask16 all = 0xFFFF;
   const __m512 abs_v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
-  const __m512 z = _mm512_mul_ps(abs_v, _mm512_set1_ps(0.70710678118654752f));
-  const __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(abs_v, _mm512_set1_ps(kInvSqrt2));
+  const __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(kErfcP), z, _mm512_set1_ps(1.0f));
   __m512 t = _mm512_maskz_rcp14_ps(all, d);
   t = _mm512_fmadd_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(1.0f)), t);
   __m512 q = _mm512_set1_ps(kErfcPoly[0]);
@@ -904,11 +907,11 @@ SPARSE_OPS_TARGET_AVX512 inline __m512 gelu_avx512(__m512 v) {
   q = _mm512_mul_ps(q, t);
   // e^x, x = −z² ≤ 0 (NaN passes through)
   const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z);
-  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654022216797f), _CMP_LT_OQ);
-  const __m512 n = _mm512_maskz_roundscale_ps(all, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
+  const __m512 n = _mm512_maskz_roundscale_ps(all, _mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
   __m512 p = _mm512_set1_ps(kExpPoly[0]);
 #pragma GCC unroll 8
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
@@ -931,18 +934,20 @@ SPARSE_OPS_TARGET_AVX512 inline void gelu_span_avx512(float* a, int64_t n, const
     _mm512_mask_storeu_ps(a + i, m, gelu_avx512(v));
   }
 }
+
+// gelu_span_avx512, or gelu_span_avx2 on CPUs without AVX-512 (callers check use_avx2_fma()).
+inline void gelu_span_fma(float* a, int64_t n, const float* bias, int64_t bias_step) {
+  use_avx512() ? gelu_span_avx512(a, n, bias, bias_step) : gelu_span_avx2(a, n, bias, bias_step);
+}
 #endif
 
 // acc[r·stride + t] = act(acc[r·stride + t] + bias[r]) for r < rows, t < width (bias may be null).
-// GELU with FMA (gelu_avx512, or gelu_avx2 without AVX-512): the compiler-vectorised gelu_f32 only on
-// CPUs without AVX2/FMA (or SPARSE_OPS_CPU_BASELINE=1).
+// GELU with FMA (gelu_span_fma): the compiler-vectorised gelu_f32 only on CPUs without AVX2/FMA (or
+// SPARSE_OPS_CPU_BASELINE=1).
 inline void finish_rows(float* acc, int64_t stride, int64_t rows, int64_t width, const float* bias, Activation act) {
 #ifdef SPARSE_OPS_AVX2_FMA
   if (act == Activation::kGelu && use_avx2_fma()) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* b = bias != nullptr ? bias + r : nullptr;
-      use_avx512() ? gelu_span_avx512(acc + r * stride, width, b, 0) : gelu_span_avx2(acc + r * stride, width, b, 0);
-    }
+    for (int64_t r = 0; r < rows; ++r) gelu_span_fma(acc + r * stride, width, bias != nullptr ? bias + r : nullptr, 0);
     return;
   }
 #endif
@@ -963,7 +968,7 @@ inline void finish_rows(float* acc, int64_t stride, int64_t rows, int64_t width,
 inline void finish_vector(float* s, int64_t n, const float* bias, Activation act) {
 #ifdef SPARSE_OPS_AVX2_FMA
   if (act == Activation::kGelu && use_avx2_fma()) {
-    use_avx512() ? gelu_span_avx512(s, n, bias, 1) : gelu_span_avx2(s, n, bias, 1);
+    gelu_span_fma(s, n, bias, 1);
     return;
   }
 #endif
