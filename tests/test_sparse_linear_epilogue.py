@@ -79,46 +79,35 @@ def test_gelu_of_extreme_values():
     assert_tolerance(y, ref64, F.gelu(pre), "gelu tails")
 
 
-@needs_kernel
-@pytest.mark.parametrize("tokens", [1, 40])
-def test_gelu_on_a_fine_grid(tokens):
-    """Every pre-activation in [-10, 10] by steps of 1/202 (both GELU code paths: one token, and token
-    tiles, whose widths are not all multiples of the vector width), against float64."""
-    pre = torch.linspace(-10.0, 10.0, 4040).view(tokens, -1)
-    eye = torch.eye(pre.shape[1])
-    for fmt, triple in (("csr", dense_to_csr(eye)), ("bsr", dense_to_bsr(eye, (4, 4)))):
-        op = OPS.csr_linear if fmt == "csr" else OPS.bsr_linear
-        y = op(pre, *triple, None, pre.shape[1], "gelu")
-        assert_tolerance(y, F.gelu(pre.double()), F.gelu(pre), f"{fmt} gelu grid, {tokens} tokens")
-
-
-_GELU_GRID_SCRIPT = """
-import torch, torch.nn.functional as F
-from sparse_ops.formats import dense_to_bsr, dense_to_csr
-from _tolerance import assert_tolerance
-for tokens in (1, 40):
-    pre = torch.linspace(-10.0, 10.0, 4040).view(tokens, -1)
-    eye = torch.eye(pre.shape[1])
-    for op, triple in ((torch.ops.sparse_ops.csr_linear, dense_to_csr(eye)),
-                       (torch.ops.sparse_ops.bsr_linear, dense_to_bsr(eye, (4, 4)))):
-        y = op(pre, *triple, None, pre.shape[1], "gelu")
-        assert_tolerance(y, F.gelu(pre.double()), F.gelu(pre), f"gelu grid, {tokens} tokens")
-tails = torch.tensor([-1e4, -90.0, -30.0, -13.3, -13.0, -9.0, 0.0, 9.0, 30.0, 1e4]).repeat(9, 1)  # 9 tokens
-y = torch.ops.sparse_ops.csr_linear(tails, *dense_to_csr(torch.eye(10)), None, 10, "gelu")
-assert_tolerance(y, F.gelu(tails.double()), F.gelu(tails), "gelu tails")
-print("ok")
-"""
+def check_gelu_grid():
+    """Every pre-activation in [-10, 10] by steps of 1/202, at 1 and 40 tokens (one token, and token
+    tiles, whose widths are not all multiples of the vector width), CSR and BSR, then the tails, 9
+    tokens: against float64. Also run in fresh processes on the other ISA paths (below)."""
+    for tokens in (1, 40):
+        pre = torch.linspace(-10.0, 10.0, 4040).view(tokens, -1)
+        eye = torch.eye(pre.shape[1])
+        for fmt, triple in (("csr", dense_to_csr(eye)), ("bsr", dense_to_bsr(eye, (4, 4)))):
+            op = OPS.csr_linear if fmt == "csr" else OPS.bsr_linear
+            y = op(pre, *triple, None, pre.shape[1], "gelu")
+            assert_tolerance(y, F.gelu(pre.double()), F.gelu(pre), f"{fmt} gelu grid, {tokens} tokens")
+    tails = torch.tensor([-1e4, -90.0, -30.0, -13.3, -13.0, -9.0, 0.0, 9.0, 30.0, 1e4]).repeat(9, 1)
+    y = OPS.csr_linear(tails, *dense_to_csr(torch.eye(10)), None, 10, "gelu")
+    assert_tolerance(y, F.gelu(tails.double()), F.gelu(tails), "gelu tails")
 
 
 @needs_kernel
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_gelu_on_a_fine_grid_other_isas(isa):
-    """The grid test on the AVX2 GELU (SPARSE_OPS_CPU_ISA=avx2, on AVX-512 CPUs) and on the plain loop
-    (SPARSE_OPS_CPU_BASELINE=1), in fresh processes (the kernels read the switches once)."""
-    if isa == "avx2":
-        run_in_fresh_process(_GELU_GRID_SCRIPT, SPARSE_OPS_CPU_ISA="avx2")
+@pytest.mark.parametrize("isa", ["default", "avx2", "baseline"])
+def test_gelu_on_a_fine_grid(isa):
+    """check_gelu_grid on this CPU's GELU (in this process), on the AVX2 GELU (SPARSE_OPS_CPU_ISA=avx2,
+    on AVX-512 CPUs) and on the plain loop (SPARSE_OPS_CPU_BASELINE=1); the last two in fresh processes
+    (the kernels read the switches once)."""
+    script = "from test_sparse_linear_epilogue import check_gelu_grid\ncheck_gelu_grid()\nprint('ok')\n"
+    if isa == "default":
+        check_gelu_grid()
+    elif isa == "avx2":
+        run_in_fresh_process(script, SPARSE_OPS_CPU_ISA="avx2")
     else:
-        run_with_cpu_baseline(_GELU_GRID_SCRIPT)
+        run_with_cpu_baseline(script)
 
 
 def test_activation_is_checked():
