@@ -7,7 +7,8 @@ Every weight has shapes that are not multiples of the block, an empty block row 
 padding of its stored blocks: a kernel that reads x or W past in_features, or mixes padding rows into
 real outputs, returns NaN and fails. Every path runs: dot products (M ≤ 4); token panels (M ≥ 5) of
 16 tokens with AVX2 and of 16 to 64 tokens (1 to 4 zmm per row) with AVX-512, each with a narrower
-last tile; the AVX2 loops on AVX-512 CPUs (SPARSE_OPS_CPU_ISA=avx2) and the plain loops used without
+last tile; the token-major path (float32, AVX-512, blocks of 16 or 32 rows, checked bit for bit
+against the panel path); the AVX2 loops on AVX-512 CPUs (SPARSE_OPS_CPU_ISA=avx2) and the plain loops used without
 AVX2/FMA.
 """
 
@@ -201,6 +202,47 @@ def test_avx2_path_on_avx512_cpus():
     it is the default path, tested again."""
     run_in_fresh_process(_BASELINE_SCRIPT, SPARSE_OPS_CPU_ISA="avx2")
 
+
+
+_TOKEN_MAJOR_SCRIPT = """
+import torch
+from test_bsr_linear_cpu import random_bsr_weight
+g = torch.Generator().manual_seed(11)
+out = []
+for block in ((16, 16), (32, 32), (16, 32)):
+    w, crow, col, values = random_bsr_weight(70, 150, block, 0.6, torch.float32, g)
+    for tokens in (5, 11, 12, 13, 25, 130):
+        x = torch.randn(tokens, 150, generator=g)
+        b = torch.randn(70, generator=g)
+        for act in ("none", "gelu"):
+            out.append(torch.ops.sparse_ops.bsr_linear_cpu(x, crow, col, values, b, 70, act))
+torch.save(out, "%s")
+print("ok")
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(not (KERNEL and "avx512f" in open("/proc/cpuinfo").read()),
+                    reason="the token-major path runs on AVX-512 CPUs only")
+def test_token_major_path_matches_the_panel_path(tmp_path):
+    """float32 with blocks of 16 or 32 rows on AVX-512 (bsr_token_major: x read in place, y written
+    from the registers, 12 tokens at a time, so 11, 13 and 25 tokens exercise the narrower last tile)
+    sums in the same order as the AVX2 panel path: the same bits without activation, and GELU within
+    the FMA GELU's error. Each side also meets the float64 reference."""
+    default, avx2 = tmp_path / "default.pt", tmp_path / "avx2.pt"
+    run_in_fresh_process(_TOKEN_MAJOR_SCRIPT % default)
+    run_in_fresh_process(_TOKEN_MAJOR_SCRIPT % avx2, SPARSE_OPS_CPU_ISA="avx2")
+    ys, refs = torch.load(default), torch.load(avx2)
+    assert len(ys) == len(refs) == 36
+    for i, (y, ref) in enumerate(zip(ys, refs)):
+        if i % 2 == 0:
+            assert torch.equal(y, ref), i
+        else:
+            torch.testing.assert_close(y, ref, rtol=2e-7, atol=1e-7)
+    g = torch.Generator().manual_seed(11)
+    w, crow, col, values = random_bsr_weight(70, 150, (16, 16), 0.6, torch.float32, g)
+    x, b = torch.randn(5, 150, generator=g), torch.randn(70, generator=g)
+    check_against_float64(ys[0], x, w, b)
 
 def _triple():
     weight = torch.zeros(40, 50)
