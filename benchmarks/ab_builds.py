@@ -35,7 +35,7 @@ for out_f, in_f, act, tokens in points:
     keep = keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:out_f, :in_f]
     w = torch.randn(out_f, in_f, generator=g) * keep
     bias, x = torch.randn(out_f, generator=g), torch.randn(tokens, in_f, generator=g)
-    if block == 1:
+    if fmt == "csr":
         crow, col, val = dense_to_csr(w)
         col = col.to(torch.uint16)
         run = lambda: torch.ops.sparse_ops.csr_linear_cpu(x, crow, col, val, bias, out_f, act, False)
