@@ -18,6 +18,12 @@ and timed in the same rounds.
 --peers: also ONNX Runtime and DeepSparse on the same pruned checkpoint and inputs, checked the same
 way, beside torch dense and the exported model in every row (benchmarks/_peers.py; install them with
 scripts/setup_peers.sh; a peer that is missing or fails to run is reported as skipped, with the reason).
+--profile: where each model's time goes (why the encoder speed-up is what it is): torch.profiler over 5
+forwards of the dense and of the exported model splits self CPU time into linears (the dense linears
+with their GELU; the sparse ops, GELU fused), attention (SDPA) and everything else (LayerNorm, adds,
+embeddings, views, allocation); each share times the model's timed median gives {dense,sparse}_
+{linear,attention,other}_ms, and linears_needed_for_2_5x is the speed-up the linears alone would need
+for the whole encoder to reach 2.5× with attention and the rest as they are.
 
 Output: benchmarks/results/<device>/model.{json,csv,png}; the PNG shows speedup vs sparsity per
 model, granularity and batch × sequence (with --peers, and a latency panel of every runtime).
@@ -41,7 +47,8 @@ from sparse_ops.reference import block_keys_ref, expand_block_mask
 FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format", "dense_ms", "dense_p20_ms",
           "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "qkv_apart_ms",
           "qkv_stacking_gain", "formats_chosen", "check", "dense_compiled_ms", "sparse_compiled_ms",
-          "compiled_speedup", *_peers.FIELDS, "device", "versions", "commit", "date")
+          "compiled_speedup", *_peers.FIELDS, "dense_linear_ms", "dense_attention_ms", "dense_other_ms",
+          "sparse_linear_ms", "sparse_attention_ms", "sparse_other_ms", "linears_needed_for_2_5x", "device", "versions", "commit", "date")
 DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
             "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
 # CPU turns: idle (the pools before stop spinning), untimed calls (own pool and caches warm), timed calls
@@ -106,6 +113,46 @@ def compiled_timers(dense, exported, inputs: dict, ref: torch.Tensor, atol: floa
     return timers
 
 
+def _op_kind(name: str) -> str:
+    if name.startswith("sparse_ops::") or name in ("aten::addmm", "aten::mm", "aten::bmm", "aten::gelu"):
+        return "linear"  # (bmm: a dense linear over a 3-d input; the exported GELU is inside its sparse op)
+    return "attention" if "scaled_dot_product" in name else "other"
+
+
+@torch.no_grad()
+def time_split(model, inputs: dict, median_ms: float, calls: int = 5) -> dict:
+    """{linear, attention, other}: each kind's share of self CPU time over `calls` profiled forwards,
+    times the timed median (ms), so the three add up to it."""
+    from torch.profiler import profile
+
+    with torch.inference_mode():
+        model(**inputs)
+        with profile() as prof:
+            for _ in range(calls):
+                model(**inputs)
+    spent = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        spent[_op_kind(event.key)] += event.self_cpu_time_total
+    total = sum(spent.values()) or 1.0
+    return {kind: median_ms * us / total for kind, us in spent.items()}
+
+
+def split_fields(dense_model, exported, inputs: dict, dense_ms: float, sparse_ms: float) -> dict:
+    """The --profile fields of one row (see the module docstring)."""
+    dense, sparse = time_split(dense_model, inputs, dense_ms), time_split(exported, inputs, sparse_ms)
+    row = {f"dense_{k}_ms": v for k, v in dense.items()} | {f"sparse_{k}_ms": v for k, v in sparse.items()}
+    budget = dense_ms / 2.5 - sparse["attention"] - sparse["other"]  # what the linears may take for 2.5×
+    row["linears_needed_for_2_5x"] = dense["linear"] / budget if budget > 0 else math.inf
+    return row
+
+
+def describe_split(row: dict) -> str:
+    return (f"    time split: dense linears {row['dense_linear_ms']:.1f} ms, attention {row['dense_attention_ms']:.1f}, "
+            f"other {row['dense_other_ms']:.1f} | export linears {row['sparse_linear_ms']:.1f} ms "
+            f"({row['dense_linear_ms'] / row['sparse_linear_ms']:.2f}x), attention {row['sparse_attention_ms']:.1f}, "
+            f"other {row['sparse_other_ms']:.1f} | 2.5x needs the linears at {row['linears_needed_for_2_5x']:.2f}x")
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -154,6 +201,8 @@ def main() -> None:
                    help="also time torch.compile(dense) and torch.compile(exported) (inductor), in the same rounds")
     p.add_argument("--peers", action="store_true",
                    help="also time ONNX Runtime and DeepSparse on the same pruned model (scripts/setup_peers.sh)")
+    p.add_argument("--profile", action="store_true",
+                   help="also split each model's time into linears, attention and the rest (torch.profiler)")
     args = C.resolve_args(p.parse_args())
     d = DEFAULTS[args.device]
     if args.quick:
@@ -217,6 +266,8 @@ def main() -> None:
                                     "compiled_speedup": t["dense_compiled"].median_ms / t["sparse_compiled"].median_ms})
                     if args.peers:
                         row.update(_peers.row_fields(_peers.with_times(peers, t), ts.median_ms))
+                    if args.profile:
+                        row.update(split_fields(dense, exported, inputs, td.median_ms, ts.median_ms))
                     rows.append(row)
                     print(f"{name:9} {gran:7} s={sparsity:.2f} {batch}x{seq:<4} {fmt:4} dense {td.median_ms:9.2f} ms"
                           f"  exported {ts.median_ms:9.2f} ms  speedup {row['speedup']:.2f}x"
@@ -227,6 +278,8 @@ def main() -> None:
                           flush=True)
                     if args.peers:
                         print(_peers.describe(row), flush=True)
+                    if args.profile:
+                        print(describe_split(row), flush=True)
     notes = C.busy_note() + [
         (f"dtype {dtype}; attention, embeddings and LayerNorm stay dense in every row; the intermediate GELU is fused "
          "into its sparse layer (export fuse_activations=True) and Q, K, V run as one stacked op (stack_qkv=True); "

@@ -173,3 +173,28 @@ def test_compiled_timers_check_before_timing(tiny):
         assert all(timer() > 0 for timer in timers.values())
     with pytest.raises(RuntimeError, match="torch.compile of the dense model: max err"):
         bench_model.compiled_timers(model, exported, inputs, ref + 1.0, 1e-4, "cpu")
+
+
+def test_time_split_covers_the_median_and_sorts_ops_by_kind(tiny):
+    """--profile: the three kinds add up to the timed median; the dense model's linear time is in its
+    addmm calls, the export's in its sparse ops, and both run SDPA (attention)."""
+    import copy
+
+    import bench_model
+
+    import sparse_ops
+
+    model, inputs, _ = tiny
+    exported = sparse_ops.export(copy.deepcopy(model), format="csr", min_sparsity=0.0)
+    row = bench_model.split_fields(model, exported, inputs, dense_ms=10.0, sparse_ms=5.0)
+    dense = [row[f"dense_{k}_ms"] for k in ("linear", "attention", "other")]
+    sparse = [row[f"sparse_{k}_ms"] for k in ("linear", "attention", "other")]
+    assert sum(dense) == pytest.approx(10.0) and sum(sparse) == pytest.approx(5.0)
+    assert all(v > 0 for v in dense + sparse), row
+    budget = 10.0 / 2.5 - row["sparse_attention_ms"] - row["sparse_other_ms"]
+    expected = row["dense_linear_ms"] / budget if budget > 0 else float("inf")
+    assert row["linears_needed_for_2_5x"] == pytest.approx(expected)
+    assert bench_model._op_kind("sparse_ops::csr_linear_cpu") == bench_model._op_kind("aten::addmm") == "linear"
+    assert bench_model._op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert bench_model._op_kind("aten::native_layer_norm") == "other"
+    assert "2.5x needs the linears at" in bench_model.describe_split(row)
