@@ -64,7 +64,7 @@ TEACHER = "dense"  # the `distill` field of a distilled row: the teacher is the 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: GPU 1000, CPU 250)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1000)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: GPU 0,1,2, CPU 0)")
     p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N snippets")
     p.add_argument("--eval-subset", type=int, default=None, help="evaluate on the first N of dev and test")
