@@ -48,7 +48,8 @@ FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format",
           "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "qkv_apart_ms",
           "qkv_stacking_gain", "formats_chosen", "check", "dense_compiled_ms", "sparse_compiled_ms",
           "compiled_speedup", *_peers.FIELDS, "dense_linear_ms", "dense_attention_ms", "dense_other_ms",
-          "sparse_linear_ms", "sparse_attention_ms", "sparse_other_ms", "linears_needed_for_2_5x", "device", "versions", "commit", "date")
+          "sparse_linear_ms", "sparse_attention_ms", "sparse_other_ms", "linears_needed_for_2_5x", "device",
+          "versions", "commit", "date")
 DEFAULTS = {"cuda": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float16"},
             "cpu": {"models": "minilm,bert-base", "shapes": "1x128,8x128,32x128", "dtype": "float32"}}
 # CPU turns: idle (the pools before stop spinning), untimed calls (own pool and caches warm), timed calls
@@ -119,7 +120,6 @@ def _op_kind(name: str) -> str:
     return "attention" if "scaled_dot_product" in name else "other"
 
 
-@torch.no_grad()
 def time_split(model, inputs: dict, median_ms: float, calls: int = 5) -> dict:
     """{linear, attention, other}: each kind's share of self CPU time over `calls` profiled forwards,
     times the timed median (ms), so the three add up to it."""
