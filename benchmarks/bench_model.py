@@ -147,10 +147,11 @@ def split_fields(dense_model, exported, inputs: dict, dense_ms: float, sparse_ms
 
 
 def describe_split(row: dict) -> str:
-    return (f"    time split: dense linears {row['dense_linear_ms']:.1f} ms, "
-            f"attention {row['dense_attention_ms']:.1f}, other {row['dense_other_ms']:.1f} | export linears {row['sparse_linear_ms']:.1f} ms "
-            f"({row['dense_linear_ms'] / row['sparse_linear_ms']:.2f}x), attention {row['sparse_attention_ms']:.1f}, "
-            f"other {row['sparse_other_ms']:.1f} | 2.5x needs the linears at {row['linears_needed_for_2_5x']:.2f}x")
+    dense = ", ".join(f"{k} {row[f'dense_{k}_ms']:.1f}" for k in ("linear", "attention", "other"))
+    sparse = ", ".join(f"{k} {row[f'sparse_{k}_ms']:.1f}" for k in ("linear", "attention", "other"))
+    gain = row["dense_linear_ms"] / row["sparse_linear_ms"]
+    return (f"    time split (ms): dense {dense} | export {sparse} (linears {gain:.2f}x faster)"
+            f" | 2.5x needs the linears at {row['linears_needed_for_2_5x']:.2f}x")
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
