@@ -114,9 +114,13 @@ def compiled_timers(dense, exported, inputs: dict, ref: torch.Tensor, atol: floa
     return timers
 
 
+KINDS = ("linear", "attention", "other")  # the --profile split
+
+
 def _op_kind(name: str) -> str:
-    if name.startswith("sparse_ops::") or name in ("aten::addmm", "aten::mm", "aten::bmm", "aten::gelu"):
-        return "linear"  # (bmm: a dense linear over a 3-d input; the exported GELU is inside its sparse op)
+    # (no bmm: F.linear runs addmm/mm; a bmm is eager attention's; the exported GELU is inside its sparse op)
+    if name.startswith("sparse_ops::") or name in ("aten::addmm", "aten::mm", "aten::gelu"):
+        return "linear"
     return "attention" if "scaled_dot_product" in name else "other"
 
 
@@ -130,7 +134,7 @@ def time_split(model, inputs: dict, median_ms: float, calls: int = 5) -> dict:
         with profile() as prof:
             for _ in range(calls):
                 model(**inputs)
-    spent = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    spent = dict.fromkeys(KINDS, 0.0)
     for event in prof.key_averages():
         spent[_op_kind(event.key)] += event.self_cpu_time_total
     total = sum(spent.values()) or 1.0
@@ -147,8 +151,8 @@ def split_fields(dense_model, exported, inputs: dict, dense_ms: float, sparse_ms
 
 
 def describe_split(row: dict) -> str:
-    dense = ", ".join(f"{k} {row[f'dense_{k}_ms']:.1f}" for k in ("linear", "attention", "other"))
-    sparse = ", ".join(f"{k} {row[f'sparse_{k}_ms']:.1f}" for k in ("linear", "attention", "other"))
+    dense = ", ".join(f"{k} {row[f'dense_{k}_ms']:.1f}" for k in KINDS)
+    sparse = ", ".join(f"{k} {row[f'sparse_{k}_ms']:.1f}" for k in KINDS)
     gain = row["dense_linear_ms"] / row["sparse_linear_ms"]
     return (f"    time split (ms): dense {dense} | export {sparse} (linears {gain:.2f}x faster)"
             f" | 2.5x needs the linears at {row['linears_needed_for_2_5x']:.2f}x")
