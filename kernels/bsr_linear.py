@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _runtime  # noqa: F401  (first: see its docstring)
 from ._numerics import on_device, round_to
 
 SKINNY_MAX_TOKENS = 16

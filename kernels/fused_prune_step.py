@@ -25,6 +25,7 @@ import triton.language as tl
 from sparse_ops.prior import mgp_constants
 from sparse_ops.reference import KEY_BITS, RADIX_BINS, adam_constants
 
+from . import _runtime  # noqa: F401  (first: see its docstring)
 from ._numerics import on_device, round_to
 from .kthvalue import INF_BITS, SLOTS, order_key
 from .mgp_prior_grad import prior_grad

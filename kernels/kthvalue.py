@@ -16,6 +16,7 @@ import triton.language as tl
 
 from sparse_ops.reference import KEY_BITS, RADIX_BINS
 
+from . import _runtime  # noqa: F401  (first: see its docstring)
 from ._numerics import on_device
 
 BLOCK = 1024

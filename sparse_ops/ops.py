@@ -31,6 +31,7 @@ or loaded.
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 
@@ -74,10 +75,9 @@ for _op in ("mgp_prior_grad", "radix_histogram", "fused_prune_step"):  # the sam
     _lib.define(_schema.replace(f"{LIB}::{_op}(", f"{_op}_cpu(", 1))
 
 
-def _triton_kernels():
-    from . import kernels  # imported lazily: Triton is only needed on CUDA
-
-    return kernels
+def _triton_kernel(name: str):
+    """The Triton module sparse_ops.kernels.<name>, imported lazily: Triton is only needed on CUDA."""
+    return importlib.import_module(f"sparse_ops.kernels.{name}")
 
 
 _forced = {"backend": None}
@@ -129,7 +129,7 @@ def _mgp_prior_grad_fake(w, lam, var0, var1, scale=1.0):
 def _mgp_prior_grad_impl(w, lam, var0, var1, scale=1.0):
     _check_mgp(w, lam, var0, var1, scale)
     if _use_triton(w):
-        return _triton_kernels().mgp_prior_grad.mgp_prior_grad_triton(w, lam, var0, var1, scale)
+        return _triton_kernel("mgp_prior_grad").mgp_prior_grad_triton(w, lam, var0, var1, scale)
     if _use_cpp("mgp_prior_grad", w):
         return torch.ops.sparse_ops.mgp_prior_grad_cpu(w, lam, var0, var1, scale)
     return reference.mgp_prior_grad_ref(w, lam, var0, var1, scale).contiguous()
@@ -158,7 +158,7 @@ def _radix_histogram_fake(xs, state, level, absolute):
 def _radix_histogram_impl(xs, state, level, absolute):
     _check_histogram(xs, state, level)
     if _use_triton(xs[0]):
-        return _triton_kernels().kthvalue.radix_histogram_triton(xs, state, level, absolute)
+        return _triton_kernel("kthvalue").radix_histogram_triton(xs, state, level, absolute)
     if _use_cpp("radix_histogram", xs[0]):
         return torch.ops.sparse_ops.radix_histogram_cpu(xs, state, level, absolute)
     return reference.radix_histogram_ref(xs, state, level, absolute)
@@ -208,7 +208,7 @@ def _fused_prune_step_impl(weight, grad, scores, mask, histogram, score_exp_avg=
                            **kwargs):
     _checks.check_fused_args(weight, grad, scores, mask, histogram, score_exp_avg, score_exp_avg_sq, **kwargs)
     if _use_triton(weight) and (scores is None or scores.dtype != torch.float64):
-        kernel = _triton_kernels().fused_prune_step.fused_prune_step_triton
+        kernel = _triton_kernel("fused_prune_step").fused_prune_step_triton
     elif _use_cpp("fused_prune_step", weight):
         kernel = torch.ops.sparse_ops.fused_prune_step_cpu
     else:
@@ -291,8 +291,8 @@ def _sparse_linear_kernel(fmt, x, values):
     op = f"{fmt}_linear"
     if _forced["backend"] == "reference" or x.dtype == torch.float64:
         return getattr(reference, f"{op}_ref"), False
-    if fmt == "bsr" and _use_triton(x) and max(values.shape[1:]) <= _triton_kernels().bsr_linear.MAX_BLOCK:
-        return _triton_kernels().bsr_linear.bsr_linear_triton, False
+    if fmt == "bsr" and _use_triton(x) and max(values.shape[1:]) <= _triton_kernel("bsr_linear").MAX_BLOCK:
+        return _triton_kernel("bsr_linear").bsr_linear_triton, False
     if x.device.type == "cuda" and has_cuda_kernel(f"{LIB}::{op}_cuda"):
         return getattr(torch.ops.sparse_ops, f"{op}_cuda"), False
     if x.device.type == "cpu" and has_cpu_kernel(f"{LIB}::{op}_cpu"):

@@ -2,7 +2,9 @@
 Triton kernels also run (slowly, program by program) on CPU tensors. Keep their grids small.
 Format choices of export(format="auto") are cached in a temporary folder, never in ~/.cache."""
 
+import importlib
 import os
+import pkgutil
 import subprocess
 import sys
 import tempfile
@@ -26,8 +28,15 @@ def device(request):
 
 
 def triton_kernels():
-    """sparse_ops.kernels, or skip when Triton is missing (e.g. a platform without wheels)."""
-    return pytest.importorskip("sparse_ops.kernels")
+    """sparse_ops.kernels with every kernel module imported, or skip when Triton itself is missing (a
+    platform without wheels). A kernel module that fails to import fails the test."""
+    pytest.importorskip("triton")
+    import sparse_ops.kernels as kernels
+
+    for module in pkgutil.iter_modules(kernels.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"sparse_ops.kernels.{module.name}")
+    return kernels
 
 
 def triton_device(device: str) -> str:

@@ -128,7 +128,7 @@ def _config_id(config):
 
 
 def _all_configs():
-    module = pytest.importorskip("sparse_ops.kernels").bsr_linear
+    module = triton_kernels().bsr_linear
     return ([pytest.param("tiled", c, id="tiled-" + _config_id(c)) for c in module._tiled_configs()]
             + [pytest.param("skinny", c, id="skinny-" + _config_id(c)) for c in module._skinny_configs()])
 
