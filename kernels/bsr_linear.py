@@ -33,12 +33,14 @@ to 16, so SparseLinear should pick br, bc ∈ {16, 32, 64, 128} for the Triton b
 
 Configurations are autotuned on CUDA (keyed on the token bucket, N, K, block size, split and dtype;
 configurations that cannot fit registers or shared memory are pruned first; the choice is cached by
-triton.autotune for the process). Under TRITON_INTERPRET=1 one fixed configuration runs, untimed.
+triton.autotune for the process; SPARSE_OPS_AUTOTUNE=0 launches the first one kept, untimed). Under
+TRITON_INTERPRET=1 one fixed configuration runs, untimed.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -275,6 +277,19 @@ _bsr_linear_skinny_tuned = triton.autotune(
 )(_bsr_linear_skinny_kernel)
 
 INTERPRETED = not isinstance(_bsr_linear_kernel, triton.runtime.JITFunction)
+# SPARSE_OPS_AUTOTUNE=0: on CUDA, launch the first configuration the pruning keeps instead of timing
+# them all (the tests do: they check every configuration on its own, and timing each new shape
+# would cost seconds)
+AUTOTUNE = os.environ.get("SPARSE_OPS_AUTOTUNE", "1") != "0"
+
+
+def _launch(tuned, prune, grid, args: tuple, meta: dict) -> None:
+    if AUTOTUNE:
+        tuned[grid](*args, **meta)
+    else:
+        config = prune(tuned.configs, dict(zip(tuned.arg_names, args)), **meta)[0]
+        tuned.fn[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                      num_stages=config.num_stages)
 
 
 @functools.cache
@@ -349,7 +364,7 @@ def _launch_tiled(operands, y, meta):
     if INTERPRETED:
         _bsr_linear_kernel[grid(INTERPRETER_TILED)](*args, **meta, **INTERPRETER_TILED)
     else:
-        _bsr_linear_tuned[grid](*args, **meta)
+        _launch(_bsr_linear_tuned, _prune_tiled, grid, args, meta)
 
 
 def _launch_skinny(operands, y, meta, split):
@@ -368,7 +383,7 @@ def _launch_skinny(operands, y, meta, split):
         config = INTERPRETER_SKINNY[mb == SKINNY_MAX_TOKENS]
         _bsr_linear_skinny_kernel[grid(config)](*args, **meta, **config)
     else:
-        _bsr_linear_skinny_tuned[grid](*args, **meta)
+        _launch(_bsr_linear_skinny_tuned, _prune_skinny, grid, args, meta)
     if split > 1:
         numel = M * N
         _bsr_linear_reduce_kernel[(triton.cdiv(numel, REDUCE_BLOCK),)](

@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SPARSE_OPS_AUTOTUNE", "0")  # on CUDA: no timing of configurations (each is tested on its own)
 os.environ["SPARSE_OPS_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparse_ops_test_cache_")
 
 import pytest

@@ -134,12 +134,18 @@ def _all_configs():
 
 
 @pytest.mark.parametrize("path,config", _all_configs())
-def test_every_autotuned_configuration(monkeypatch, path, config):
-    """Each configuration the autotuner may pick on a GPU, run under the interpreter in place of the fixed
-    one: 24×20 blocks (padded tiles, SUB_N above, below and across the block rows, U past the row's end)."""
+def test_every_autotuned_configuration(monkeypatch, device, path, config):
+    """Each configuration the autotuner may pick on a GPU, on its own: under the interpreter in place of
+    the fixed one, and on CUDA as the one untimed launch. 24×20 blocks (padded tiles, SUB_N above,
+    below and across the block rows, U past the row's end)."""
     module = triton_kernels().bsr_linear
-    device = triton_device("cpu")
-    if path == "tiled":
+    device = triton_device(device)
+    if device == "cuda":
+        tuned = module._bsr_linear_tuned if path == "tiled" else module._bsr_linear_skinny_tuned
+        monkeypatch.setattr(module, "AUTOTUNE", False)
+        monkeypatch.setattr(tuned, "configs", [config])
+        monkeypatch.setattr(module, "_prune_tiled" if path == "tiled" else "_prune_skinny", lambda cs, *a, **k: cs)
+    elif path == "tiled":
         monkeypatch.setattr(module, "INTERPRETER_TILED", config.kwargs)
     else:
         monkeypatch.setattr(module, "INTERPRETER_SKINNY", {False: config.kwargs, True: config.kwargs})
