@@ -2,7 +2,8 @@
 # Compile every Triton kernel of kernels/ for sm_80 and sm_90 without a GPU (scripts/check_triton.py:
 # registers, spills, shared memory; fails on a compile error, too much shared memory, or spills in
 # an autotuner configuration), under the installed Triton and under Triton 3.6.0, the GPU image's,
-# in a side virtual environment created once and cached (it reuses this environment's torch).
+# in a side virtual environment created once and cached (scripts/overlay_venv.sh: it sees this
+# environment's torch and sparse_ops, whether this Python is a venv or not).
 #
 #   bash scripts/check_triton.sh [--quick] [--jobs N]
 #   SPARSE_OPS_TRITON_VENV   where the Triton 3.6.0 environment lives
@@ -14,9 +15,6 @@ VENV=${SPARSE_OPS_TRITON_VENV:-$HOME/.cache/sparse_ops/triton-3.6.0-venv}
 
 status=0
 "$PY" scripts/check_triton.py "$@" || status=1
-if ! "$VENV/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '3.6.0')" 2>/dev/null; then
-    "$PY" -m venv --system-site-packages "$VENV"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "triton==3.6.0"
-fi
-"$VENV/bin/python" scripts/check_triton.py "$@" || status=1
+TRITON_36=$(PYTHON="$PY" bash scripts/overlay_venv.sh "$VENV" "triton==3.6.0")
+"$TRITON_36" scripts/check_triton.py "$@" || status=1
 exit $status

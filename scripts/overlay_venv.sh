@@ -25,7 +25,7 @@ dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
 with open(sys.argv[1], "w") as f:
     f.write("".join(f"import site; site.addsitedir({d!r})\n" for d in dirs))
 EOF
-    "$DIR/bin/python" -m pip install --disable-pip-version-check -q "$@"
+    "$DIR/bin/python" -m pip install --disable-pip-version-check -q "$@" >&2
     echo "$want" > "$stamp"
 fi
 echo "$DIR/bin/python"

@@ -4,6 +4,7 @@ Importing the package registers torch.ops.sparse_ops.* (schemas and fakes in spa
 loads the compiled extension sparse_ops._C when it was built.
 """
 
+from . import _dependencies  # noqa: F401  (first: it fails if something hides torch, transformers, ...)
 from . import ops as _ops  # noqa: F401  (defines the ops before the extension implements them)
 from ._extension import extension_error, load_extension
 from .config import PruningConfig
