@@ -8,7 +8,8 @@ timed interleaved instead (time_interleaved: one call of each in turn per round)
 whose speed drifts slows them all alike.
 
 Every row carries the device name, library versions, git commit and date, and is written to
-<out>/<name>.json (with the run's metadata and notes), <out>/<name>.csv and a PNG bar chart.
+<out>/<name>.json (with the run's metadata and notes), <out>/<name>.csv and a PNG bar chart; <out> is
+--out, by default benchmarks/results/<device-kind>/<date>_<script>/ (default_out; see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(REPO_ROOT)  # an installed sparse_ops comes first; else the checkout's
-GPU_NOTE = ("SPEC §6 targets are GPU targets: these CPU figures only exercise the CPU path "
+GPU_NOTE = ("docs/design.md §5 targets are GPU targets: these CPU figures only exercise the CPU path "
             "(C++ kernel or PyTorch reference); run on a CUDA machine for the target figures.")
 ROW_FIELDS = ("bench", "set", "numel", "dtype", "method", "variant", "backend", "time_ms", "p20_ms", "p80_ms",
               "compile_s", "bytes_moved", "gbps", "pct_of_copy_bw", "speedup_vs_eager", "check", "note",
@@ -65,7 +66,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls before timing, the first (checked, compiling) call included "
                         "(default: 3 GPU, 1 CPU)")
-    p.add_argument("--out", default=None, help="result folder (default: benchmarks/results/<device-kind>/)")
+    p.add_argument("--out", default=None,
+                   help="result folder (default: benchmarks/results/<device-kind>/<date>_<script>/)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats: a smoke run")
     return p
 
@@ -79,8 +81,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     gpu = args.device == "cuda"
     args.repeats = args.repeats or (2 if args.quick else 20 if gpu else 5)
     args.warmup = max(1, (3 if gpu else 1) if args.warmup is None else args.warmup)
-    args.out = args.out or os.path.join(REPO_ROOT, "benchmarks", "results", device_kind(args.device))
+    args.out = args.out or default_out(args.device)
     return args
+
+
+def default_out(device: str, what: str | None = None) -> str:
+    """benchmarks/results/<device-kind>/<today, UTC>_<what>/, `what` by default the running script's name
+    (bench_model for benchmarks/bench_model.py): one run folder per run, see benchmarks/README.md."""
+    what = what or os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return os.path.join(REPO_ROOT, "benchmarks", "results", device_kind(device), f"{today}_{what}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ order) and the recipes of sparse_ops.finetune (t_i = 10%, t_e = 70% of the steps
 Δt = 10; MGPP s_i = 0.3, σ0² = 1e-9, σ1² = 0.1, λ 0.1 → 1e-4; movement scores by Adam at 1e-2,
 started at |w|/std(|w|), TopK per matrix; soft movement's λ_mvp steered to the target).
 
-Distillation (SPEC §3.6, T = 2, α = 0.5): on for every pruned run, the teacher being the dense run of
+Distillation (docs/design.md §2.7, T = 2, α = 0.5): on for every pruned run, the teacher being the dense run of
 the same budget and seed; and off for MGPP and magnitude per element, so its effect shows on its own
 (`--distill plan`, the default; `on` / `off` for every pruned run). Reported per run: accuracy on the
 dev and test splits after the pruner's masks are baked in, the sparsity reached, seconds per step.
 
-SPEC §6 targets: at 90%, MGPP within 2 points of dense and above magnitude; at 97%, MGPP at least
+docs/design.md §5 targets: at 90%, MGPP within 2 points of dense and above magnitude; at 97%, MGPP at least
 5 points above magnitude (test accuracy, mean over seeds; with distillation, and without).
 
 Resumable: results accumulate in <out>/accuracy.json, one row per run, written after every run; a run
@@ -86,7 +86,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (GPU)")
-    p.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>/)")
+    p.add_argument("--out", default=None, help="result folder (default benchmarks/results/<device>/"
+                   "<date>_bench_accuracy/; to resume or extend a sweep, pass its folder)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -114,7 +115,7 @@ def parse_args() -> argparse.Namespace:
     args.tune_on = (granularity, float(sparsity))
     if args.tune_on not in args.settings:
         p.error(f"--tune-on {args.tune_on} must be one of --settings {args.settings}")
-    args.out = args.out or os.path.join(C.REPO_ROOT, "benchmarks", "results", C.device_kind(args.device))
+    args.out = args.out or C.default_out(args.device, "bench_accuracy")
     return args
 
 
@@ -277,7 +278,7 @@ def paired_gap(a: dict, b: dict) -> tuple[float, list[int]]:
 
 
 def targets(agg: dict) -> list[str]:
-    """The SPEC §6 accuracy targets, checked on the test accuracy (paired by seed: paired_gap), with and
+    """The docs/design.md §5 accuracy targets, checked on the test accuracy (paired by seed: paired_gap), with and
     without distillation."""
     lines = []
     dense = agg.get(("dense", False, "element", 0.0))
@@ -368,7 +369,7 @@ def markdown(rows: list[dict], args, env: dict) -> str:
                 lines.append(f"| {row_label(method, distilled)} | " + " | ".join(cells) + " |")
     checks = targets(agg)
     if checks:
-        lines += ["", "SPEC §6 targets:", ""] + [f"- {c}" for c in checks]
+        lines += ["", "docs/design.md §5 targets:", ""] + [f"- {c}" for c in checks]
     if len(lrs) > 1:
         lines += [""] + tuning_table([r for r in rows if r["seed"] in args.tune_seeds])
     return "\n".join(lines) + "\n"

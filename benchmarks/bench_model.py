@@ -25,8 +25,9 @@ embeddings, views, allocation); each share times the model's timed median gives 
 {linear,attention,other}_ms, and linears_needed_for_2_5x is the speed-up the linears alone would need
 for the whole encoder to reach 2.5× with attention and the rest as they are.
 
-Output: benchmarks/results/<device>/model.{json,csv,png}; the PNG shows speedup vs sparsity per
-model, granularity and batch × sequence (with --peers, and a latency panel of every runtime).
+Output: <out>/model.{json,csv,png} (<out>: --out, by default benchmarks/results/<device>/<date>_bench_model/);
+the PNG shows speedup vs sparsity per model, granularity and batch × sequence (with --peers, and a
+latency panel of every runtime).
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ def main() -> None:
     plot(rows, base_path + ".png", f"encoder speedup, exported vs dense, {dtype}, {env['device']}")
     best = max((r["speedup"] for r in rows if math.isclose(r["sparsity"], 0.9)), default=None)
     if best is not None:
-        print(f"best speedup at 90% sparsity: {best:.2f}x (SPEC §6 target: >= 2.5x)")
+        print(f"best speedup at 90% sparsity: {best:.2f}x (docs/design.md §5 target: >= 2.5x)")
     print("wrote", base_path + ".json", base_path + ".csv", base_path + ".png")
 
 

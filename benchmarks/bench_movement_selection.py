@@ -12,7 +12,7 @@ removed, and, for movement at 2%, the largest fraction of one row / one column i
 
     python benchmarks/bench_movement_selection.py STEPS LR [adam|sgd]
 
-Prints as it goes and writes results/cpu/movement_selection/steps<STEPS>_lr<LR>.json.
+Prints as it goes and writes steps<STEPS>_lr<LR>.json to benchmarks/results/cpu/<date>_bench_movement_selection/.
 """
 
 import json
@@ -90,7 +90,7 @@ def main() -> None:
         pruned = s <= s.flatten().kthvalue(int(0.02 * s.numel())).values
         concentration[t.name] = (float(pruned.float().mean(1).max()), float(pruned.float().mean(0).max()))
         print(f"{t.name}: max row pruned {concentration[t.name][0]:.2f}, max col pruned {concentration[t.name][1]:.2f}")
-    out = os.path.join(C.REPO_ROOT, "benchmarks", "results", "cpu", "movement_selection")
+    out = C.default_out("cpu", "bench_movement_selection")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"steps{steps}_lr{lr:g}.json"), "w") as f:
         json.dump({"meta": C.environment("cpu"), "results": results, "row_col_concentration_at_2pct": concentration},

@@ -27,8 +27,9 @@ bytes = what the format must read at least once (stored values + index bytes as 
 token a layer is bound by bytes: 90% CSR reads (4 + 2) bytes per stored fp32 weight with uint16
 columns, 0.6 byte per dense weight against dense's 4 (6.7× less); at 128 tokens by flops.
 
-Output: benchmarks/results/<device>/sparse_linear.{json,csv} and one PNG per dtype of speedup vs
-sparsity, one subplot per shape, one line per format and token count.
+Output: <out>/sparse_linear.{json,csv} and one PNG per dtype of speedup vs sparsity, one subplot per
+shape, one line per format and token count (<out>: --out, by default
+benchmarks/results/<device>/<date>_bench_sparse_linear/).
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def main() -> None:
     if args.device == "cpu":
         notes.append("CPU: dense is F.linear (MKL/oneDNN); sparse_ops runs its C++ kernels "
                      f"(csr_linear: {cpu_backend('csr_linear')}, bsr_linear: {cpu_backend('bsr_linear')}); "
-                     "torch.sparse has no 16-bit CPU kernels. The GPU rows of SPEC §6 need a GPU.")
+                     "torch.sparse has no 16-bit CPU kernels. The GPU rows of docs/design.md §5 need a GPU.")
     name = "sparse_linear" + ("_quick" if args.quick else "")
     base = C.write_rows(rows, args.out, name, meta=C.run_meta(env, args), notes=notes, fields=FIELDS)
     paths = [base + ".json", base + ".csv"]

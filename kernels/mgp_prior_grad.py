@@ -1,4 +1,4 @@
-"""Elementwise gradient of the negative log mixture Gaussian prior (SPEC §3.1), in Triton.
+"""Elementwise gradient of the negative log mixture Gaussian prior (docs/design.md §2.1), in Triton.
 
 Numerics: loads any float dtype, computes in float32 with the sigmoid form
 p0 = 1/(1 + exp(c2·θ² + c1)) (exp overflows to +inf, giving p0 = 0, never NaN), stores in the

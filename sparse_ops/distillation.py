@@ -1,4 +1,4 @@
-"""Knowledge distillation loss (SPEC §3.6), shared by the plain loop, the CLI and the Trainer integration."""
+"""Knowledge distillation loss (docs/design.md §2.7), shared by the plain loop, the CLI and the Trainer integration."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _check_args(student_logits, teacher_logits, labels, temperature, alpha) -> t
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
-    """The distillation loss of SPEC §3.6, averaged over the rows that have a label:
+    """The distillation loss of docs/design.md §2.7, averaged over the rows that have a label:
 
         loss = (1 − α)·CE(z_s, y) + α·T²·KL( softmax(z_t/T) ‖ softmax(z_s/T) )
 

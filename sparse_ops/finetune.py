@@ -9,8 +9,8 @@ batches. Pruning goes through `sparse_ops.Pruner` exactly as the README document
 after_optimizer_step, and finalize() at the end (masks baked in: a plain checkpoint with zeros).
 
 Schedule, derived from the step budget T (the same for every method), with a cool-down at the
-final sparsity over the last 30% of the steps (SPEC §3.3):
-  t_i = round(0.1·T), t_e = round(0.7·T), Δt = 10 (SPEC §3.1's small-task interval).
+final sparsity over the last 30% of the steps (docs/design.md §2.3):
+  t_i = round(0.1·T), t_e = round(0.7·T), Δt = 10 (docs/design.md §2.1's small-task interval).
   magnitude   global, cubic from 0 at t_i to s_f at t_e.
   mgpp        the MGPP authors' SST-2 recipe: global, jumps to s_i = 0.3 at t_i, cubic to s_f; prior
               λ 0.1 → 1e-4, σ0² = 1e-9, σ1² = 0.1, n = train size.
@@ -18,7 +18,7 @@ final sparsity over the last 30% of the steps (SPEC §3.3):
               cubic schedule.
   soft_movement  S > τ with the λ_mvp·mean sigmoid(S) penalty; λ_mvp steered so the sparsity
               tracks the schedule (sparse_ops/pruning/soft_movement.py).
-Distillation (SPEC §3.6): with a teacher (a fine-tuned classifier with the same labels), the loss is
+Distillation (docs/design.md §2.7): with a teacher (a fine-tuned classifier with the same labels), the loss is
 sparse_ops.distillation_loss(student, teacher, labels, T=2, α=0.5); the teacher runs in eval mode
 under no_grad on the student's device.
 Granularity element or block (32×32 by default).

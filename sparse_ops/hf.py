@@ -14,7 +14,7 @@ after_optimizer_step at on_optimizer_step. Every checkpoint gets the pruner's st
 with the same masks as an uninterrupted one. Under torch.distributed (DDP, torchrun, accelerate)
 each process histograms its share of the keys and the histograms are all-reduced.
 
-Distillation from a dense teacher (SPEC §3.6): replace `Trainer` by `DistillationTrainer` (or mix
+Distillation from a dense teacher (docs/design.md §2.7): replace `Trainer` by `DistillationTrainer` (or mix
 `DistillationMixin` into another Trainer subclass, before it) and keep the callback as it is:
 
     trainer = DistillationTrainer(model=student, teacher_model=teacher, temperature=2.0, alpha=0.5,
@@ -101,7 +101,7 @@ def _logits(outputs) -> torch.Tensor:
 
 
 class DistillationMixin:
-    """Makes a Trainer's loss `distillation_loss(student, teacher, labels, temperature, alpha)` (SPEC §3.6).
+    """Makes a Trainer's loss `distillation_loss(student, teacher, labels, temperature, alpha)` (docs/design.md §2.7).
 
     teacher_model: a frozen model whose logits have the student's shape (same number of labels, or the same
     vocabulary for a language model); a mismatch is a ValueError here. The batch must carry "labels"

@@ -1,4 +1,4 @@
-"""The mixture Gaussian prior of MGPP (SPEC §3.1): constants, checks and the equal-odds threshold.
+"""The mixture Gaussian prior of MGPP (docs/design.md §2.1): constants, checks and the equal-odds threshold.
 
     π(θ) = λ·N(θ; 0, v1) + (1−λ)·N(θ; 0, v0),   v0 (spike) < v1 (slab)
     p0(θ) = 1 / (1 + exp(c2·θ² + c1)),  c1 = log(λ/(1−λ)) + ½·log(v0/v1),  c2 = 1/(2v0) − 1/(2v1)

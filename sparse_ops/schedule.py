@@ -1,4 +1,4 @@
-"""The cubic sparsity schedule of SPEC §3.2 (gradual magnitude pruning, MGPP, movement pruning).
+"""The cubic sparsity schedule of docs/design.md §2.2 (gradual magnitude pruning, MGPP, movement pruning).
 
     s(t) = 0                                              t < t_i
     s(t) = s_f + (s_i − s_f)·(1 − (t − t_i)/(t_e − t_i))³  t_i ≤ t < t_e

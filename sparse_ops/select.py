@@ -1,4 +1,4 @@
-"""Exact k-th smallest key over one or many tensors by radix select (SPEC §3.5).
+"""Exact k-th smallest key over one or many tensors by radix select (docs/design.md §2.6).
 
 Keys are order-preserving integer images of the floats (16, 32 or 64 bits). Each level reads the
 data once and histograms one 8-bit digit of the keys whose higher digits match the prefix found so

@@ -1,4 +1,4 @@
-"""flash-attention's tolerance rule for matmul-like kernels (SPEC §7).
+"""flash-attention's tolerance rule for matmul-like kernels (docs/development.md).
 
 A kernel's max error against a float64 reference must be at most twice the max error of the same
 computation done by plain PyTorch in the kernel's dtype, plus a tiny absolute floor. The floor only

@@ -21,7 +21,7 @@ def log_softmax64(z):
 
 
 def reference(student, teacher, labels, temperature, alpha):
-    """The loss of SPEC §3.6 in float64, row by row, then the mean over rows whose label is not -100."""
+    """The loss of docs/design.md §2.7 in float64, row by row, then the mean over rows whose label is not -100."""
     classes = student.shape[-1]
     s = student.detach().double().reshape(-1, classes)
     t = teacher.detach().double().reshape(-1, classes)

@@ -403,7 +403,7 @@ def test_load_exported_rejects_mismatches(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# bad input (SPEC §5)
+# bad input (docs/design.md §4)
 # ----------------------------------------------------------------------------------------------
 def test_export_rejects_bad_arguments():
     model = pruned_bert(seed=17, hidden=32, layers=1)

@@ -1,7 +1,7 @@
 """PruningCallback with a real transformers Trainer (tiny BERT config, CPU): pruning happens, the
 stats reach the Trainer's logs, the saved model is a plain checkpoint with zeros in place, and a
 run resumed from a checkpoint ends with the same masks as an uninterrupted one. The same for
-DistillationTrainer (a frozen teacher, SPEC §3.6), whose loss is distillation_loss."""
+DistillationTrainer (a frozen teacher, docs/design.md §2.7), whose loss is distillation_loss."""
 
 import pytest
 import torch

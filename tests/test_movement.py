@@ -28,7 +28,7 @@ def toy_data(n=STEPS, seed=0):
 
 
 def cubic_prune_count(step, numel, s_f):
-    """SPEC §3.2 with s_i = 0, written out: how many keys are pruned at `step`."""
+    """docs/design.md §2.2 with s_i = 0, written out: how many keys are pruned at `step`."""
     if step < T_I:
         return 0
     s = s_f if step >= T_E else s_f - s_f * (1 - (step - T_I) / (T_E - T_I)) ** 3

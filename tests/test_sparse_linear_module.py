@@ -297,7 +297,7 @@ def test_compile_fullgraph_inductor():
 
 
 # ----------------------------------------------------------------------------------------------
-# bad input (SPEC §5)
+# bad input (docs/design.md §4)
 # ----------------------------------------------------------------------------------------------
 def test_forward_rejects_bad_input():
     layer = SparseLinear.from_dense(masked_linear(8, 12, 0.5), "bsr", block_size=(4, 4))

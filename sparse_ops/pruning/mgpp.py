@@ -1,4 +1,4 @@
-"""MGPP: magnitude pruning under a mixture Gaussian prior (Zhang, Sun, Liang 2024; SPEC §3.1).
+"""MGPP: magnitude pruning under a mixture Gaussian prior (Zhang, Sun, Liang 2024; docs/design.md §2.1).
 
 Every step the fused pass adds (1/n)·∂[−log π(w)]/∂w to the gradient of each targeted weight, with
 π = λ·N(0, σ1²) + (1−λ)·N(0, σ0²) and λ annealed linearly from `lam` to `lam_final` over the ramp

@@ -1,4 +1,4 @@
-"""Hard movement pruning (Sanh, Wolf, Rush 2020; SPEC §3.3), trained as the reference trains it.
+"""Hard movement pruning (Sanh, Wolf, Rush 2020; docs/design.md §2.3), trained as the reference trains it.
 
 Each targeted matrix W gets scores S (float32). The forward uses W' = W ⊙ M with
 M = TopK(S) keeping the fraction 1 − s(t) (cubic schedule: everything kept before t_i, s_f from t_e

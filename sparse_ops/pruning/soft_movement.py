@@ -1,4 +1,4 @@
-"""Soft movement pruning (Sanh, Wolf, Rush 2020; SPEC §3.3).
+"""Soft movement pruning (Sanh, Wolf, Rush 2020; docs/design.md §2.3).
 
 The scores learn as hard movement's do (Adam by default, see movement.py; the magnitude start is
 scaled by `init_scale` below), and the mask is a
