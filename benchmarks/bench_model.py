@@ -42,8 +42,8 @@ import _peers
 import torch
 
 import sparse_ops
-from sparse_ops.config import DEFAULT_EXCLUDE, DEFAULT_TARGETS
-from sparse_ops.reference import block_keys_ref, expand_block_mask
+from sparse_ops.pruning.config import DEFAULT_EXCLUDE, DEFAULT_TARGETS
+from sparse_ops.ops.reference import block_keys_ref, expand_block_mask
 
 FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format", "dense_ms", "dense_p20_ms",
           "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "qkv_apart_ms",
@@ -63,7 +63,7 @@ def load_model(name: str, dtype, device):
     from transformers import AutoModel, BertConfig
 
     if name == "minilm":
-        from sparse_ops.data import model_dir
+        from sparse_ops.app.data import model_dir
 
         model = AutoModel.from_pretrained(model_dir())
     elif name == "bert-base":

@@ -23,7 +23,8 @@ import sys
 import _common as C
 import torch
 
-from sparse_ops import Pruner, PruningConfig, data, finetune
+from sparse_ops import Pruner, PruningConfig
+from sparse_ops.app import data, finetune
 
 SPARSITIES = (0.02, 0.05, 0.1, 0.2, 0.4)
 

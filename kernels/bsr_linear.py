@@ -1,5 +1,5 @@
-"""y = x @ Wᵀ + bias with W in BSR by rows, in Triton (contract: sparse_ops/ops.py, reference:
-sparse_ops/reference.py bsr_linear_ref).
+"""y = x @ Wᵀ + bias with W in BSR by rows, in Triton (contract: sparse_ops/ops/__init__.py, reference:
+sparse_ops/ops/reference.py bsr_linear_ref).
 
 W (N × K) is stored as crow (ceil(N/br)+1,) int32, col (nnz_blocks,) int32 block columns and values
 (nnz_blocks, br, bc); x is (M, K). Both paths take U stored blocks of a block row per step (they

@@ -1,5 +1,5 @@
-"""The single-pass pruning step in Triton (contract: sparse_ops/ops.py, reference:
-sparse_ops/reference.py fused_prune_step_ref).
+"""The single-pass pruning step in Triton (contract: sparse_ops/ops/__init__.py, reference:
+sparse_ops/ops/reference.py fused_prune_step_ref).
 
 One read of weight, grad (and scores, and the scores' Adam moments) and one write of grad, mask
 (and scores and moments, and weight when it is masked) per element. In that pass: the mask from
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_ops.prior import mgp_constants
-from sparse_ops.reference import KEY_BITS, RADIX_BINS, adam_constants
+from sparse_ops.ops.prior import mgp_constants
+from sparse_ops.ops.reference import KEY_BITS, RADIX_BINS, adam_constants
 
 from . import _runtime  # noqa: F401  (first: see its docstring)
 from ._numerics import on_device, round_to

@@ -2,7 +2,7 @@
 
 One launch covers every tensor of a list: a table of data pointers and a table of fixed-size
 chunks (tensor id, start) lets each program stream CHUNK elements of one tensor. Keys are the
-order-preserving integer images of the floats (see sparse_ops.reference.order_keys), computed in
+order-preserving integer images of the floats (see sparse_ops.ops.reference.order_keys), computed in
 int64 registers from the raw 16/32-bit words. Each program accumulates a private 512-slot
 histogram (256 digits, slot 256 = NaN, slot 257 = ignored) and adds it to the global one with
 512 atomics, so the result is exact and independent of scheduling.
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_ops.reference import KEY_BITS, RADIX_BINS
+from sparse_ops.ops.reference import KEY_BITS, RADIX_BINS
 
 from . import _runtime  # noqa: F401  (first: see its docstring)
 from ._numerics import on_device

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_ops.prior import mgp_constants
+from sparse_ops.ops.prior import mgp_constants
 
 from . import _runtime  # noqa: F401  (first: see its docstring)
 from ._numerics import on_device, round_to

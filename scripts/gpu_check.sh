@@ -66,13 +66,13 @@ HAS_GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 # 1. build: the extension with CUDA kernels for this GPU's architecture (9.0 on an H200)
 ARCH=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; c = torch.cuda.get_device_capability() \
     if torch.cuda.is_available() else (9, 0); print(f'{c[0]}.{c[1]}')")}
-if [ "$HAS_GPU" = 1 ] || ! "$PY" -c "import sparse_ops._extension as e, sys; sys.exit(not e.load_extension())" 2>/dev/null; then
+if [ "$HAS_GPU" = 1 ] || ! "$PY" -c "import sparse_ops.ops._extension as e, sys; sys.exit(not e.load_extension())" 2>/dev/null; then
     # ninja (a carried wheel if the image lacks it) makes MAX_JOBS count; without it the build is serial
     step build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
 else
     skip build "no GPU, and the CPU extension is already built"
 fi
-step extension 60 "$PY" -c "import sparse_ops, torch; from sparse_ops._extension import has_cuda_kernel; \
+step extension 60 "$PY" -c "import sparse_ops, torch; from sparse_ops.ops._extension import has_cuda_kernel; \
 import sys; cuda = has_cuda_kernel('sparse_ops::csr_linear_cuda'); print('CUDA csr kernel:', cuda); \
 sys.exit(0 if cuda or not torch.cuda.is_available() else 1)"
 

@@ -6,15 +6,15 @@ loads the compiled extension sparse_ops._C when it was built.
 
 from . import _dependencies  # noqa: F401  (first: it fails if something hides torch, transformers, ...)
 from . import ops as _ops  # noqa: F401  (defines the ops before the extension implements them)
-from ._extension import extension_error, load_extension
-from .config import PruningConfig
-from .distillation import distillation_loss
-from .export import ExportReport, export, load_exported, save_exported
-from .nn import SparseLinear
-from .prior import mgp_constants, mgp_threshold
-from .pruner import Pruner
-from .schedule import CubicSchedule
-from .select import Selection, Threshold, prune_threshold, radix_select
+from .ops._extension import extension_error, load_extension
+from .pruning.config import PruningConfig
+from .pruning.distillation import distillation_loss
+from .sparse.export import ExportReport, export, load_exported, save_exported
+from .sparse.linear import SparseLinear
+from .ops.prior import mgp_constants, mgp_threshold
+from .pruning.pruner import Pruner
+from .pruning.schedule import CubicSchedule
+from .ops.select import Selection, Threshold, prune_threshold, radix_select
 
 load_extension()
 

@@ -1,8 +1,8 @@
-"""`python -m sparse_ops <command>`: the same command line as `sparse-ops` (sparse_ops.cli)."""
+"""`python -m sparse_ops <command>`: the same command line as `sparse-ops` (sparse_ops.app.cli)."""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_ops.formats import dense_to_bsr
+from sparse_ops.sparse.formats import dense_to_bsr
 
 
 def random_bsr_weight(out_features, in_features, block, density, dtype, device, generator, empty_rows=(1,)):

@@ -79,7 +79,7 @@ def one_thread():
 
 # -- the single-process reference --------------------------------------------------------------------
 def run_reference(case: dict) -> dict:
-    from sparse_ops.pruner import Pruner
+    from sparse_ops.pruning.pruner import Pruner
 
     with one_thread():
         model = bert()
@@ -108,8 +108,8 @@ def run_reference(case: dict) -> dict:
 def run_rank(case: dict, rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    from sparse_ops.pruner import distributed_reduce
-    from sparse_ops.pruner import Pruner
+    from sparse_ops.pruning.pruner import distributed_reduce
+    from sparse_ops.pruning.pruner import Pruner
 
     reduce, shard = distributed_reduce()
     assert shard == (rank, world), shard

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sparse_ops  # noqa: F401  (registers the ops)
-from sparse_ops.nn import FORMAT_CACHE
+from sparse_ops.sparse.linear import FORMAT_CACHE
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

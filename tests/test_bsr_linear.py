@@ -16,7 +16,7 @@ from _bsr_weights import random_bsr_weight
 from _tolerance import assert_tolerance
 from conftest import FLOAT_DTYPES, triton_device, triton_kernels
 
-from sparse_ops.formats import dense_to_bsr
+from sparse_ops.sparse.formats import dense_to_bsr
 from sparse_ops.ops import cpu_backend, use_backend
 
 OUT, IN = 40, 70

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from _tolerance import assert_tolerance
 from conftest import FLOAT_DTYPES, run_in_fresh_process, run_with_cpu_baseline
 
-from sparse_ops.formats import dense_to_bsr
+from sparse_ops.sparse.formats import dense_to_bsr
 from sparse_ops.ops import has_cpu_kernel, use_backend
-from sparse_ops.reference import bsr_to_dense_ref
+from sparse_ops.ops.reference import bsr_to_dense_ref
 
 OPS = torch.ops.sparse_ops
 KERNEL = has_cpu_kernel("sparse_ops::bsr_linear_cpu")

@@ -12,7 +12,7 @@ import torch
 from _tiny import make_csv, make_model_dir, one_thread  # noqa: F401  (autouse fixture)
 
 import sparse_ops
-from sparse_ops import cli, data
+from sparse_ops.app import cli, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import sparse_ops
-from sparse_ops import reference
+from sparse_ops.ops import reference
 from sparse_ops.ops import CPP_OPS, cpu_backend
 
 BUILT = all(cpu_backend(op) == "cpp" for op in CPP_OPS)
@@ -651,7 +651,7 @@ def test_radix_histogram_select_walk(dtype):
             out = OPS.radix_histogram_cpu(xs, state, level, absolute)
             assert_identical(out, reference.radix_histogram_ref(xs, state, level, absolute),
                              f"level {level} absolute={absolute}")
-            sparse_ops.select._select_digit(out, state)
+            sparse_ops.ops.select._select_digit(out, state)
         want = torch.cat([x.flatten() for x in xs])
         want = torch.kthvalue(want.abs() if absolute else want, k).values
         got = reference.key_to_value(int(state[0]) & ((1 << bits_) - 1), dtype)
@@ -693,7 +693,7 @@ def test_16bit_conversions_match_torch(dtype):
 _ISA_SCRIPT = r"""
 import sys, torch, sparse_ops
 assert sparse_ops.extension_error() is None, sparse_ops.extension_error()
-from sparse_ops import reference
+from sparse_ops.ops import reference
 OPS = torch.ops.sparse_ops
 gen = torch.Generator().manual_seed(1)
 out = {}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from _tolerance import assert_tolerance
 from conftest import FLOAT_DTYPES, run_in_fresh_process, run_with_cpu_baseline
 
-from sparse_ops.formats import dense_to_csr
+from sparse_ops.sparse.formats import dense_to_csr
 from sparse_ops.ops import has_cpu_kernel, use_backend
 
 OPS = torch.ops.sparse_ops
@@ -211,7 +211,7 @@ def test_unsorted_columns_give_the_same_result(tokens):
 _BASELINE_SCRIPT = """
 import torch, torch.nn.functional as F
 import sparse_ops
-from sparse_ops.formats import dense_to_csr
+from sparse_ops.sparse.formats import dense_to_csr
 from _tolerance import assert_tolerance
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from _tolerance import assert_tolerance
 
 import sparse_ops  # noqa: F401  (registers the ops, loads sparse_ops._C)
-from sparse_ops._extension import has_cuda_kernel
+from sparse_ops.ops._extension import has_cuda_kernel
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

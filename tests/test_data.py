@@ -1,4 +1,4 @@
-"""sparse_ops.data: the Rotten Tomatoes split by movie, users' CSV files, tokenised batches, the model."""
+"""sparse_ops.app.data: the Rotten Tomatoes split by movie, users' CSV files, tokenised batches, the model."""
 
 import bz2
 import csv
@@ -9,7 +9,7 @@ import pytest
 import torch
 from _tiny import make_csv, make_model_dir, sentences
 
-from sparse_ops import data
+from sparse_ops.app import data
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _raw_rotten_tomatoes():
-    """(text, category, movie) of every fresh/rotten row, read independently of sparse_ops.data."""
+    """(text, category, movie) of every fresh/rotten row, read independently of sparse_ops.app.data."""
     with bz2.open(data.rotten_tomatoes_path(), "rt", encoding="utf-8", newline="") as f:
         return [(r["text"], r["category"], r["movie_name"]) for r in csv.DictReader(f) if r["category"] != "plot"]
 

@@ -2,7 +2,7 @@
 nothing but loopback is touched) must end with the same masks as each other, bit-identical to a single
 process whose gradients equal DDP's exactly (g0/2 + g1/2), and with the target sparsity exactly.
 Each rank histograms only its share of the targets (targets[rank::world]) and the histograms are
-all-reduced through sparse_ops.pruner.distributed_reduce(); the workers count those calls.
+all-reduced through sparse_ops.pruning.pruner.distributed_reduce(); the workers count those calls.
 
 The ranks run in tests/_ddp_worker.py (spawned, so they import it by name)."""
 

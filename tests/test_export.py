@@ -22,8 +22,8 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from sparse_ops import ExportReport, SparseLinear, export, load_exported, save_exported
-from sparse_ops.export import read_plan
-from sparse_ops.nn import FormatCache, format_cache_key
+from sparse_ops.sparse.export import read_plan
+from sparse_ops.sparse.linear import FormatCache, format_cache_key
 
 BLOCK = (16, 16)
 ATTENTION = r"attention\.self\.(query|key|value)$"  # pruned element-wise; the other encoder linears by blocks

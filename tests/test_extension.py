@@ -6,7 +6,8 @@ import re
 import pytest
 
 import sparse_ops
-from sparse_ops import _extension, ops
+from sparse_ops import ops
+from sparse_ops.ops import _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

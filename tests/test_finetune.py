@@ -1,4 +1,4 @@
-"""sparse_ops.finetune: the fine-tune-and-prune loop on a tiny random BERT, with and without a teacher."""
+"""sparse_ops.app.finetune: the fine-tune-and-prune loop on a tiny random BERT, with and without a teacher."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import torch
 from _tiny import make_csv, make_model_dir, one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
-from sparse_ops import data, finetune
-from sparse_ops.finetune import FinetuneConfig
+from sparse_ops.app import data, finetune
+from sparse_ops.app.finetune import FinetuneConfig
 
 
 @pytest.fixture(scope="module")

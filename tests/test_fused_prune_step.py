@@ -11,7 +11,7 @@ from conftest import FLOAT_DTYPES, triton_device, triton_kernels
 
 import sparse_ops
 from sparse_ops.ops import use_backend
-from sparse_ops.reference import fused_prune_step_ref, prune_keys_ref, radix_histogram_ref
+from sparse_ops.ops.reference import fused_prune_step_ref, prune_keys_ref, radix_histogram_ref
 
 METHODS = ["magnitude", "mgpp", "movement", "soft_movement"]
 GRANULARITIES = {"element": (1, 1), "block": (8, 16), "2:4": (1, 1)}

@@ -11,8 +11,9 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
                           TrainerCallback, TrainingArguments)
 
 from sparse_ops import distillation_loss
-from sparse_ops.config import PruningConfig
-from sparse_ops.hf import STATE_NAME, DistillationMixin, DistillationTrainer, PruningCallback
+from sparse_ops.pruning.config import PruningConfig
+from sparse_ops.hf import DistillationMixin, DistillationTrainer, PruningCallback
+from sparse_ops.integrations.hf import STATE_NAME
 
 
 class RandomTokens(torch.utils.data.Dataset):

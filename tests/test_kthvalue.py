@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparse_ops
-from sparse_ops.reference import radix_histogram_ref
+from sparse_ops.ops.reference import radix_histogram_ref
 
 ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
 

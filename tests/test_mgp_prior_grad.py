@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import FLOAT_DTYPES, triton_device, triton_kernels
 
-from sparse_ops.prior import mgp_threshold
-from sparse_ops.reference import mgp_prior_grad_ref
+from sparse_ops.ops.prior import mgp_threshold
+from sparse_ops.ops.reference import mgp_prior_grad_ref
 
 PRIORS = [(0.1, 1e-10, 0.05), (0.1, 1e-9, 0.1), (0.5, 1e-4, 1.0), (1e-4, 1e-12, 0.05)]
 EXTREMES = [0.0, 1e-6, -1e-6, 10.0, -10.0, 1e-3, -3e-5, 0.02, 1e30, -1e30]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from sparse_ops.config import PruningConfig
+from sparse_ops.pruning.config import PruningConfig
 from sparse_ops.ops import use_backend
-from sparse_ops.pruner import Pruner
+from sparse_ops.pruning.pruner import Pruner
 
 STEPS = dict(start_step=2, end_step=10, interval=3)
 

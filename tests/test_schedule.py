@@ -1,6 +1,6 @@
 import pytest
 
-from sparse_ops.schedule import CubicSchedule
+from sparse_ops.pruning.schedule import CubicSchedule
 
 
 def test_cubic_formula_at_known_points():

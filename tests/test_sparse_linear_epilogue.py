@@ -26,7 +26,7 @@ from conftest import FLOAT_DTYPES, run_in_fresh_process, run_with_cpu_baseline
 
 import sparse_ops
 from sparse_ops import SparseLinear
-from sparse_ops.formats import dense_to_bsr, dense_to_csr
+from sparse_ops.sparse.formats import dense_to_bsr, dense_to_csr
 from sparse_ops.ops import has_cpu_kernel, use_backend
 
 OPS = torch.ops.sparse_ops
@@ -267,7 +267,7 @@ def test_compiled_forward_with_activation():
 
 def test_a_forced_backend_bypasses_the_direct_call(monkeypatch):
     """use_backend("reference") reaches the reference kernel: the fast path does not skip the dispatch."""
-    from sparse_ops import reference
+    from sparse_ops.ops import reference
 
     calls = []
     original = reference.csr_linear_ref

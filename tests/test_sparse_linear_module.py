@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from _tolerance import assert_tolerance
 from torch import nn
 
-from sparse_ops import SparseLinear, formats
-from sparse_ops._extension import has_cpu_kernel
-from sparse_ops.nn import (
+from sparse_ops import SparseLinear
+from sparse_ops.sparse import formats
+from sparse_ops.ops._extension import has_cpu_kernel
+from sparse_ops.sparse.linear import (
     FormatCache,
     choose_format,
     format_cache_key,

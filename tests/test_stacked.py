@@ -1,4 +1,4 @@
-"""Q, K and V stacked into one sparse op (sparse_ops.stacked.StackedLinears, export(stack_qkv=True)).
+"""Q, K and V stacked into one sparse op (sparse_ops.sparse.stacked.StackedLinears, export(stack_qkv=True)).
 
 Every member's output must equal that member's own product: against float64 references with
 flash-attention's tolerance rule (tests/_tolerance.py) and bit for bit against the same layer
@@ -22,7 +22,7 @@ from test_export import BLOCK, FakeTimer, batch, outputs, pruned_bert
 from test_sparse_linear_epilogue import _linear, needs_kernel, pruned
 
 from sparse_ops import SparseLinear, export, load_exported, save_exported
-from sparse_ops.stacked import StackedLinears
+from sparse_ops.sparse.stacked import StackedLinears
 
 
 def members(fmt, dtype, in_features=45, outs=(31, 17, 40), density=0.3, seed=0):

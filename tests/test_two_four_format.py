@@ -13,8 +13,8 @@ from _tolerance import assert_tolerance
 from torch import nn
 
 from sparse_ops import SparseLinear, export, load_exported, save_exported
-from sparse_ops import nn as sparse_nn
-from sparse_ops.nn import AUTO_FORMATS, auto_formats, semi_structured_unavailable
+from sparse_ops.sparse import linear as sparse_nn
+from sparse_ops.sparse.linear import AUTO_FORMATS, auto_formats, semi_structured_unavailable
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

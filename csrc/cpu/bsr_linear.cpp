@@ -1,5 +1,5 @@
-// CPU kernel of sparse_ops::bsr_linear_cpu (schema in sparse_ops/ops.py; reference:
-// sparse_ops.reference.bsr_linear_ref).
+// CPU kernel of sparse_ops::bsr_linear_cpu (schema in sparse_ops/ops/__init__.py; reference:
+// sparse_ops.ops.reference.bsr_linear_ref).
 //
 //   y = act(x·Wᵀ + bias),  x (M, K) contiguous, W (N × K) in BSR by block rows: int32 crow_indices
 //   (ceil(N / br) + 1), int32 col_indices (nnz_blocks) of block columns, values (nnz_blocks, br, bc);

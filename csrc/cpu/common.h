@@ -1,6 +1,6 @@
 // Helpers shared by the CPU kernels of sparse_ops (csrc/cpu/*.cpp).
 //
-// Numerics follow sparse_ops/reference.py bit for bit where the reference is exact:
+// Numerics follow sparse_ops/ops/reference.py bit for bit where the reference is exact:
 //  * compute type: float32 for fp16/bf16/fp32 inputs, float64 for fp64 inputs (compute_t);
 //  * every arithmetic step is rounded separately (setup.py compiles with -ffp-contract=off, so
 //    a*b+c is never fused into an FMA that PyTorch's separate tensor ops would not perform);
@@ -288,7 +288,7 @@ inline C exp_fast(C x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Mixture Gaussian prior (sparse_ops/prior.py)
+// Mixture Gaussian prior (sparse_ops/ops/prior.py)
 // ---------------------------------------------------------------------------------------------
 // Constants computed in double on the host, then rounded to the compute type like Python scalars
 // combined with a float tensor.

@@ -1,5 +1,5 @@
-// CPU kernel of sparse_ops::csr_linear_cpu (schema in sparse_ops/ops.py; reference:
-// sparse_ops.reference.csr_linear_ref).
+// CPU kernel of sparse_ops::csr_linear_cpu (schema in sparse_ops/ops/__init__.py; reference:
+// sparse_ops.ops.reference.csr_linear_ref).
 //
 //   y = act(x·Wᵀ + bias),  x (M, K) contiguous, W (N × K) in CSR by rows (int32 crow_indices (N + 1),
 //   col_indices (nnz): int32, or uint16 when K ≤ 65,536 (2 bytes instead of 4 per stored weight),

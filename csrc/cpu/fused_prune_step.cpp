@@ -1,5 +1,5 @@
-// CPU kernel of sparse_ops::fused_prune_step_cpu (schema in sparse_ops/ops.py; reference:
-// sparse_ops.reference.fused_prune_step_ref). One pass over memory per tensor:
+// CPU kernel of sparse_ops::fused_prune_step_cpu (schema in sparse_ops/ops/__init__.py; reference:
+// sparse_ops.ops.reference.fused_prune_step_ref). One pass over memory per tensor:
 //
 //   keys   (at entry)  element: |w| (magnitude, mgpp) or scores (movement methods), in their dtype;
 //                      block:   Σw² or Σscores per block, summed in float64, rounded once to float32;
@@ -415,7 +415,7 @@ void check_like(const at::Tensor& t, const at::Tensor& weight, const char* name)
               t.sizes());
 }
 
-// The op as its schema (sparse_ops/ops.py) defines it; reuse_mask: keep = the mask passed in.
+// The op as its schema (sparse_ops/ops/__init__.py) defines it; reuse_mask: keep = the mask passed in.
 void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, const std::optional<at::Tensor>& scores,
                            const at::Tensor& mask, const std::optional<at::Tensor>& histogram,
                            const std::optional<at::Tensor>& score_exp_avg,

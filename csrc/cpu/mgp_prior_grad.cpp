@@ -1,5 +1,5 @@
-// CPU kernel of sparse_ops::mgp_prior_grad_cpu (schema in sparse_ops/ops.py; reference:
-// sparse_ops.reference.mgp_prior_grad_ref).
+// CPU kernel of sparse_ops::mgp_prior_grad_cpu (schema in sparse_ops/ops/__init__.py; reference:
+// sparse_ops.ops.reference.mgp_prior_grad_ref).
 //
 // out = scale·θ·(p0/v0 + (1−p0)/v1), p0 = 1/(1+exp(c2θ²+c1)); constants in double on the host,
 // per-element math in float32 (float64 for float64 input), stored in w.dtype. Returns a new

@@ -1,5 +1,5 @@
-// CPU kernel of sparse_ops::radix_histogram_cpu (schema in sparse_ops/ops.py; reference:
-// sparse_ops.reference.radix_histogram_ref).
+// CPU kernel of sparse_ops::radix_histogram_cpu (schema in sparse_ops/ops/__init__.py; reference:
+// sparse_ops.ops.reference.radix_histogram_ref).
 //
 // int64[257] histogram of the 8-bit digit `level` (0 = most significant) of the order keys of all
 // tensors in xs (keys of |x| when absolute), counting only keys whose higher digits equal

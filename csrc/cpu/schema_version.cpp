@@ -1,7 +1,7 @@
-// The version of the op schemas this build implements. sparse_ops/_extension.py reads the marker
+// The version of the op schemas this build implements. sparse_ops/ops/_extension.py reads the marker
 // string from the binary before loading it and refuses a build whose version differs from
 // sparse_ops.ops.SCHEMA_VERSION: loading kernels registered against an older schema would abort
-// the process inside dlopen. Bump both numbers together whenever a schema in sparse_ops/ops.py changes.
+// the process inside dlopen. Bump both numbers together whenever a schema in sparse_ops/ops/__init__.py changes.
 #define SPARSE_OPS_SCHEMA_VERSION "6"
 
 extern "C" {

@@ -1,12 +1,12 @@
-// CUDA implementation of sparse_ops::csr_linear_cuda (schema in sparse_ops/ops.py; reference:
-// sparse_ops.reference.csr_linear_ref): y = x @ W^T + bias with W (out_features x K) in CSR by rows.
+// CUDA implementation of sparse_ops::csr_linear_cuda (schema in sparse_ops/ops/__init__.py; reference:
+// sparse_ops.ops.reference.csr_linear_ref): y = x @ W^T + bias with W (out_features x K) in CSR by rows.
 //
 // x: 2-D contiguous (M, K) CUDA tensor, float32/float16/bfloat16. crow_indices: int32
 // (out_features + 1,), col_indices: int32 (nnz,), values: (nnz,) of x's dtype, bias: (out_features,)
 // of x's dtype or None, all contiguous and on x's device. Returns a new (M, out_features) tensor of
 // x's dtype: float32 products and sums, bias added in float32, rounded once (csr_linear.cuh). The
 // CSR contents (monotone crow, crow[-1] == nnz, 0 <= col < K) are the caller's to guarantee
-// (SparseLinear validates them once, sparse_ops.formats.check_compressed): this function checks
+// (SparseLinear validates them once, sparse_ops.sparse.formats.check_compressed): this function checks
 // only what it can see without reading device memory, and bad indices would read out of bounds.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1,4 +1,4 @@
-"""One module per pruning method; each owns its per-step rule (the shared Pruner is sparse_ops.pruner).
+"""One module per pruning method; each owns its per-step rule (the shared Pruner is sparse_ops.pruning.pruner).
 
     magnitude.py      gradual magnitude pruning (the baseline)
     mgpp.py           magnitude pruning under a mixture Gaussian prior

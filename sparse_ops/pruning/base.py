@@ -1,8 +1,8 @@
-"""The hooks every pruning method implements; the Pruner (sparse_ops.pruner) calls them."""
+"""The hooks every pruning method implements; the Pruner (sparse_ops.pruning.pruner) calls them."""
 
 from __future__ import annotations
 
-from ..select import Threshold
+from ..ops.select import Threshold
 
 KEEP_ALL = Threshold(value=float("-inf"), tie_cut=0, count=0)
 

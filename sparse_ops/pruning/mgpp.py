@@ -9,7 +9,7 @@ may regrow until the next event. After t_e the mask is fixed.
 
 from __future__ import annotations
 
-from ..prior import mgp_threshold
+from ..ops.prior import mgp_threshold
 from .magnitude import Magnitude
 
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference import expand_block_mask, threshold_keep, two_four_keep
-from ..select import Threshold, prune_threshold
+from ..ops.reference import expand_block_mask, threshold_keep, two_four_keep
+from ..ops.select import Threshold, prune_threshold
 from .base import KEEP_ALL, PruningMethod
 
 

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ..select import Threshold
+from ..ops.select import Threshold
 from .base import KEEP_ALL
 from .movement import Movement, keep_top
 

@@ -162,7 +162,7 @@ def fused_prune_step_ref(weight, grad, scores, mask, histogram, score_exp_avg=No
                          index_offset=0, prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
                          sigmoid_l1=0.0, score_step=0, score_beta1=0.9, score_beta2=0.999, score_eps=1e-8,
                          mask_grad=True, mask_weight=False, reuse_mask=False) -> None:
-    """Reference of torch.ops.sparse_ops.fused_prune_step (see sparse_ops/ops.py for the contract).
+    """Reference of torch.ops.sparse_ops.fused_prune_step (see sparse_ops/ops/__init__.py for the contract).
 
     Scores learn from G = ∂L/∂W'⊙W (+ sigmoid_l1·σ(S)(1−σ(S)), the soft-movement penalty), by
     S ← S − score_lr·G without moment buffers, or by torch.optim.Adam's bias-corrected step number

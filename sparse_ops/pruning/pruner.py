@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from .config import PruningConfig
-from .pruning import KEEP_ALL, method_for
-from .reference import block_keys_ref
-from .select import Threshold, prune_threshold
+from . import KEEP_ALL, method_for
+from ..ops.reference import block_keys_ref
+from ..ops.select import Threshold, prune_threshold
 
 
 @dataclasses.dataclass

@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import formats, reference
-from ._extension import has_cpu_kernel, has_cuda_kernel
-from .ops import ACTIVATIONS, NARROW_INDEX_LIMIT, forced_backend
+from . import formats
+from ..ops import reference
+from ..ops._extension import has_cpu_kernel, has_cuda_kernel
+from ..ops import ACTIVATIONS, NARROW_INDEX_LIMIT, forced_backend
 
 FORMATS = ("bsr", "csr", "2:4", "dense")
 AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; auto_formats adds 2:4 on CUDA
@@ -182,7 +183,7 @@ def format_cache_key(weight: torch.Tensor, block_size=(32, 32), tokens: int = 12
     dtype, shape, tokens, block size, bias, and the sparsity levels rounded to 1% (the fraction of zero
     entries and of all-zero blocks). It holds the sparsity level, not the pattern: two layers of one
     shape and sparsity share a decision even when their zeros lie elsewhere."""
-    from . import ops
+    from .. import ops
 
     br, bc = formats.check_block_size(block_size)
     out_features, in_features = weight.shape
@@ -462,7 +463,7 @@ class SparseLinear(nn.Module):
             else:
                 fast = self._revalidate()
                 if fast is not None and x.dtype == fast[3].dtype:
-                    if self._stack is not None:  # one kernel call for the siblings reading x (sparse_ops.stacked)
+                    if self._stack is not None:  # one kernel call for the siblings reading x (sparse_ops.sparse.stacked)
                         group, index = self._stack
                         y = group.forward(index, x)
                         if y is not None:

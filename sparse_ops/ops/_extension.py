@@ -10,6 +10,10 @@ import warnings
 
 import torch
 
+# The op schemas' version (sparse_ops/ops/__init__.py defines the schemas): bump it together with
+# csrc/cpu/schema_version.cpp whenever a schema changes, so a stale build is refused.
+SCHEMA_VERSION = 6
+
 _state = {"loaded": False, "error": None}
 
 
@@ -23,11 +27,9 @@ def built_schema_version(path: str) -> int | None:
 def load_extension() -> bool:
     """Load sparse_ops/_C*.so (it registers C++/CUDA kernels with the dispatcher). Warn once if it is
     absent or was built for other op schemas (a stale build: rerun scripts/setup.sh)."""
-    from .ops import SCHEMA_VERSION
-
     if _state["loaded"] or _state["error"] is not None:
         return _state["loaded"]
-    here = os.path.dirname(__file__)
+    here = os.path.dirname(os.path.dirname(__file__))  # sparse_ops/, where the build puts _C*.so
     libs = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
     try:
         if not libs:

@@ -18,7 +18,7 @@ Schemas (see README "Ops" for the full contract):
              int out_features, str activation="none") -> Tensor                   (..., out_features)
   bsr_linear(<the same>) -> Tensor                       (values of shape (nnz_blocks, br, bc))
 
-The sparse linear ops compute act(x @ Wᵀ + bias) for W given in CSR / BSR by rows (sparse_ops.formats),
+The sparse linear ops compute act(x @ Wᵀ + bias) for W given in CSR / BSR by rows (sparse_ops.sparse.formats),
 with int32 indices (csr: col_indices may also be uint16 when in_features <= 65,536), values and bias
 in x.dtype, float32 accumulation and one rounding; activation "none" or "gelu" (exact, erf), fused
 into the CPU kernels' write-back and applied after the product elsewhere. Their CUDA/CPU kernels
@@ -36,12 +36,10 @@ import importlib
 import torch
 
 from . import _checks, reference
-from ._extension import has_cpu_kernel, has_cuda_kernel
+from ._extension import SCHEMA_VERSION, has_cpu_kernel, has_cuda_kernel
 from .prior import check_prior_args
 
 LIB = "sparse_ops"
-# Bump together with csrc/cpu/schema_version.cpp whenever a schema below changes.
-SCHEMA_VERSION = 6
 _lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defined once, here
 
 _FUSED_SCHEMA = (

@@ -16,7 +16,7 @@ called with another input (cross-attention: keys and values read the encoder's s
 stops stacking for good and every member computes on its own: the outputs are always each member's
 own F.linear. Rounds are per thread. Under torch.inference_mode, whose tensors keep no version
 counter, an input written in place between two members' calls is not noticed (attention modules
-never do that; see sparse_ops.nn.tensor_version).
+never do that; see sparse_ops.sparse.linear.tensor_version).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from .nn import _ROW_COMPRESSED, SparseLinear, call_fast, tensor_version
+from .linear import _ROW_COMPRESSED, SparseLinear, call_fast, tensor_version
 
 _BUFFERS = ("crow_indices", "col_indices", "values", "bias")  # a member's, in _members_state
 

@@ -13,7 +13,7 @@ children are `dense` and `intermediate_act_fn`, as in BERT, RoBERTa and MiniLM),
 into the sparse op's epilogue (SparseLinear(activation="gelu")) and `intermediate_act_fn` becomes
 nn.Identity; fuse_activations=False keeps them apart. The query, key and value linears of an
 attention module, exported in one compressed format, run on CPU as one op over their stacked rows
-(sparse_ops.stacked; stack_qkv=False keeps them apart). The saved file is safetensors: every tensor
+(sparse_ops.sparse.stacked; stack_qkv=False keeps them apart). The saved file is safetensors: every tensor
 of model.state_dict() (tensors shared between names stored once), and in its metadata the plan
 {module name: {format, block_size, in, out, bias, activation, fused, stacked}} that load_exported
 applies to a freshly built dense skeleton before loading the tensors (strict).
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .nn import (
+from .linear import (
     FORMAT_CACHE,
     FORMATS,
     FormatCache,
@@ -293,7 +293,7 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     head sharing the embeddings) is kept dense with a warning. The others are left as they are and
     listed as "kept dense".
     format: "auto" (time dense, csr and bsr(block_size) at `tokens` tokens on the layer's device and
-    keep the fastest: sparse_ops.nn.choose_format, decisions cached in `cache`), "bsr", "csr", "2:4" or
+    keep the fastest: sparse_ops.sparse.linear.choose_format, decisions cached in `cache`), "bsr", "csr", "2:4" or
     "dense" (the chosen format is timed against dense for the report), or a dict {regex: format}
     whose first key matching a layer's name decides it ("auto" when none matches).
     dtype: convert the whole model to it first (None keeps the model's dtype).
@@ -302,7 +302,7 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     `dense` (see the module docstring); the report marks those layers "+gelu".
     stack_qkv: where the query, key and value linears of an attention module are all exported in one
     compressed format (csr/2:4, or bsr), compute them on CPU as one op over their stacked rows
-    (sparse_ops.stacked.StackedLinears: x read and packed once, one kernel call instead of three; the
+    (sparse_ops.sparse.stacked.StackedLinears: x read and packed once, one kernel call instead of three; the
     modules and their state_dict stay as they are). The report marks them "stacked".
     """
     format_rules, patterns, block_size = _check_export_args(model, format, patterns, block_size, tokens,

@@ -18,11 +18,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import prune_threshold
-from .ops import cpu_backend
-from .prior import mgp_threshold
-from .reference import prune_keys_ref, threshold_keep
-from .schedule import CubicSchedule
+from ..ops import cpu_backend
+from ..ops.prior import mgp_threshold
+from ..ops.reference import prune_keys_ref, threshold_keep
+from ..ops.select import prune_threshold
+from ..pruning.schedule import CubicSchedule
 
 LAYER = "encoder.layer.1.intermediate.dense"
 SENTENCES = [

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from .reference import GRANULARITIES, METHODS
+from ..ops.reference import GRANULARITIES, METHODS
 from .schedule import CubicSchedule
 
 BERT_TARGETS = (
@@ -107,7 +107,7 @@ class PruningConfig:
             if not isinstance(self.num_train_examples, int) or self.num_train_examples <= 0:
                 raise ValueError("num_train_examples must be a positive int for method='mgpp' "
                                  f"(the prior gradient is scaled by 1/n), got {self.num_train_examples!r}")
-            from .prior import check_prior_args
+            from ..ops.prior import check_prior_args
 
             check_prior_args(self.lam, self.var0, self.var1)
             check_prior_args(self.lam_final, self.var0, self.var1)

@@ -100,7 +100,7 @@ def _existing_dir(text: str) -> str:
 # shared option groups
 # ---------------------------------------------------------------------------------------------
 def _add_training(p: argparse.ArgumentParser, *, steps: int, lr: float = 5e-5, method: str = "mgpp") -> None:
-    from .config import SCORE_INITS, SCORE_OPTIMIZERS
+    from ..pruning.config import SCORE_INITS, SCORE_OPTIMIZERS
     from .finetune import METHODS
 
     g = p.add_argument_group("fine-tuning and pruning")

@@ -36,10 +36,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
+from ..pruning.config import SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
 from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
-from .distillation import distillation_loss, num_outputs
-from .pruner import Pruner, find_targets
+from ..pruning.distillation import distillation_loss, num_outputs
+from ..pruning.pruner import Pruner, find_targets
 
 METHODS = ("dense", "magnitude", "movement", "soft_movement", "mgpp")
 MGPP_INITIAL_SPARSITY = 0.3  # s_i of the MGPP authors' SST-2 recipe

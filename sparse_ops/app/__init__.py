@@ -1,0 +1,1 @@
+"""The application: command line, fine-tuning loop, data and model loading, demo."""

@@ -1,0 +1,1 @@
+"""Hugging Face integrations: the Trainer callback and the distillation trainer."""
