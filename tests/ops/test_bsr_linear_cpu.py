@@ -1,7 +1,7 @@
 """bsr_linear on CPU (the C++ kernel of sparse_ops._C, csrc/cpu/bsr_linear.cpp, when built; the
 reference otherwise, and SPARSE_OPS_REQUIRE_EXT=1 makes a missing kernel a failure) through
 torch.ops.sparse_ops.bsr_linear, against a float64 dense reference with flash-attention's tolerance
-rule (tests/_tolerance.py). The Triton kernels are tested in tests/test_bsr_linear.py.
+rule (tests/_tolerance.py). The Triton kernels are tested in tests/ops/test_bsr_linear.py.
 
 Every weight has shapes that are not multiples of the block, an empty block row and NaN in the
 padding of its stored blocks: a kernel that reads x or W past in_features, or mixes padding rows into

@@ -8,7 +8,7 @@ import pytest
 
 from sparse_ops.ops import has_cpu_kernel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import ab_builds  # noqa: E402
 

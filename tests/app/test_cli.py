@@ -14,7 +14,7 @@ from _tiny import make_csv, make_model_dir, one_thread  # noqa: F401  (autouse f
 import sparse_ops
 from sparse_ops.app import cli, data
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

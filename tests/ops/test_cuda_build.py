@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csr_linear.cuh CsrDType
 

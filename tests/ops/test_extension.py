@@ -9,7 +9,7 @@ import sparse_ops
 from sparse_ops import ops
 from sparse_ops.ops import _extension
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_schema_version_matches_the_cpp_stamp():

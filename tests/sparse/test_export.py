@@ -282,7 +282,7 @@ def test_a_tied_weight_is_kept_dense_with_a_warning():
 def test_readme_export_snippet_runs_as_printed(tmp_path, monkeypatch):
     """The README's export block, executed verbatim on a pruned BERT saved as "pruned": the loaded
     skeleton is in eval mode and its outputs equal the exported model's bit for bit."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Inference: export a pruned model to sparse layers", 1)[1]
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert "load_exported(skeleton" in snippet

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _tiny import one_thread  # noqa: F401  (autouse fixture)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
 import _common as C
 import _peers
 
