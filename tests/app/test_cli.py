@@ -125,3 +125,12 @@ def test_run_prints_the_four_numbers_and_writes_a_png(capsys, tiny):
     assert summary["exported_accuracy"]["test"] == summary["pruned"]["accuracy"]["test"]
     assert os.path.getsize(os.path.join(out, "run.png")) > 0
     assert os.path.isfile(os.path.join(out, "pruned", cli.EXPORTED_FILE))
+
+
+def test_a_missing_app_dependency_says_how_to_install_it(monkeypatch):
+    from sparse_ops.app import app_dependency
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
+    with pytest.raises(ImportError, match=r'tqdm.auto is missing: .*pip install "sparse_ops\[app\]"'):
+        app_dependency("tqdm.auto")
+    assert app_dependency("json").dumps([1]) == "[1]"
