@@ -320,19 +320,13 @@ def _format_counts(report) -> str:
 
 
 def _environment(device) -> dict:
-    import platform
-
     import torch
 
     import sparse_ops
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu} ({os.cpu_count()} cores, " \
+    from ..ops.machine import cpu_name
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores, " \
         f"{torch.get_num_threads()} torch threads)"
     return {"device": name, "torch": torch.__version__, "sparse_ops": sparse_ops.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

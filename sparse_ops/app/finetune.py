@@ -40,11 +40,10 @@ from ..pruning.config import SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
 from . import app_dependency
 from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
 from ..pruning.distillation import distillation_loss, num_outputs
-from ..pruning.pruner import Pruner, find_targets
+from ..pruning.pruner import PRUNER_STATE, Pruner, find_targets
 
 METHODS = ("dense", "magnitude", "movement", "soft_movement", "mgpp")
 MGPP_INITIAL_SPARSITY = 0.3  # s_i of the MGPP authors' SST-2 recipe
-PRUNER_STATE = "sparse_ops_pruner.pt"
 RUN_JSON = "sparse_ops_run.json"
 
 

@@ -41,9 +41,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..pruning.config import PruningConfig
 from ..pruning.distillation import check_temperature_alpha, distillation_loss, num_outputs
-from ..pruning.pruner import Pruner, distributed_reduce
+from ..pruning.pruner import PRUNER_STATE, Pruner, distributed_reduce
 
-STATE_NAME = "sparse_ops_pruner.pt"
 
 
 class PruningCallback(TrainerCallback):
@@ -62,7 +61,7 @@ class PruningCallback(TrainerCallback):
         if state.global_step > 0:
             folders = [f for f in (args.resume_from_checkpoint,) if isinstance(f, str)]
             folders.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-            paths = [os.path.join(f, STATE_NAME) for f in folders]
+            paths = [os.path.join(f, PRUNER_STATE) for f in folders]
             path = next((p for p in paths if os.path.isfile(p)), None)
             if path is None:
                 raise FileNotFoundError(f"resuming at step {state.global_step} but none of {paths} exists: the masks "
@@ -88,7 +87,7 @@ class PruningCallback(TrainerCallback):
         if self.pruner is not None and state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.pruner.state_dict(), os.path.join(folder, STATE_NAME))
+            torch.save(self.pruner.state_dict(), os.path.join(folder, PRUNER_STATE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.pruner is not None and self.finalize_on_train_end:

@@ -36,7 +36,7 @@ import importlib
 import torch
 
 from . import _checks, reference
-from ._extension import SCHEMA_VERSION, has_cpu_kernel, has_cuda_kernel
+from ._extension import SCHEMA_VERSION, has_cpu_kernel, has_cuda_kernel  # noqa: F401  (SCHEMA_VERSION: re-exported)
 from .prior import check_prior_args
 
 LIB = "sparse_ops"

@@ -81,6 +81,9 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[tuple[str, nn.
     return found
 
 
+PRUNER_STATE = "sparse_ops_pruner.pt"  # the file name a checkpoint keeps Pruner.state_dict() under
+
+
 class Pruner:
     """Prunes the targeted linears of `model` as `config` says (see the module docstring)."""
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ from torch import nn
 from . import formats
 from ..ops import reference
 from ..ops._extension import has_cpu_kernel, has_cuda_kernel
+from ..ops.machine import cpu_name
 from ..ops import ACTIVATIONS, NARROW_INDEX_LIMIT, forced_backend
 
 FORMATS = ("bsr", "csr", "2:4", "dense")
@@ -163,19 +163,10 @@ class FormatChoice:
     cached: bool = False
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type}:{_cpu_name()}:{torch.get_num_threads()}threads"
+    return f"{device.type}:{cpu_name()}:{torch.get_num_threads()}threads"
 
 
 def format_cache_key(weight: torch.Tensor, block_size=(32, 32), tokens: int = 128, has_bias: bool = False) -> str:

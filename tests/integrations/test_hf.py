@@ -13,7 +13,7 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
 from sparse_ops import distillation_loss
 from sparse_ops.pruning.config import PruningConfig
 from sparse_ops.hf import DistillationMixin, DistillationTrainer, PruningCallback
-from sparse_ops.integrations.hf import STATE_NAME
+from sparse_ops.pruning.pruner import PRUNER_STATE
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -67,7 +67,7 @@ def test_trainer_prunes_logs_and_saves_a_plain_model(tmp_path, method):
     assert all(f"pruning/sparsity/{t.name}" in logged[-1] for t in pruner.targets)
     if method == "mgpp":
         assert "pruning/lambda" in logged[-1] and "pruning/prior_threshold" in logged[-1]
-    assert (tmp_path / "checkpoint-6" / STATE_NAME).is_file()
+    assert (tmp_path / "checkpoint-6" / PRUNER_STATE).is_file()
     trainer.save_model(str(tmp_path / "final"))
     loaded = BertForSequenceClassification.from_pretrained(tmp_path / "final")
     zeros = sum(int((loaded.get_submodule(t.name).weight == 0).sum()) for t in pruner.targets)
@@ -91,7 +91,7 @@ def test_resume_without_pruner_state_is_an_error(tmp_path):
     trainer, _ = trainer_for(tmp_path, "movement")
     trainer.add_callback(StopAt(6))
     trainer.train()
-    (tmp_path / "checkpoint-6" / STATE_NAME).unlink()
+    (tmp_path / "checkpoint-6" / PRUNER_STATE).unlink()
     trainer, _ = trainer_for(tmp_path, "movement")
     with pytest.raises(FileNotFoundError, match="cannot be restored"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
@@ -135,7 +135,7 @@ def test_distillation_trainer_prunes_and_its_loss_is_distillation_loss(tmp_path)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trainer.train()
     assert callback.pruner.sparsity()["global"] == pytest.approx(0.8, abs=1e-3)
-    assert (tmp_path / "checkpoint-6" / STATE_NAME).is_file()
+    assert (tmp_path / "checkpoint-6" / PRUNER_STATE).is_file()
 
     # the logged loss is the mean of the losses compute_loss returned since the last log
     losses = trainer.train_losses
