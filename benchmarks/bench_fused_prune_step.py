@@ -146,11 +146,11 @@ class SparseOpsStep:
         for w in state.weights[:-1]:
             self.offsets.append(self.offsets[-1] + w.numel())
         if self.movement:
-            self.kwargs = dict(method="movement", score_lr=SCORE_LR, **(ADAM if self.adam else {}))
+            self.kwargs = dict(keys_from_scores=True, score_lr=SCORE_LR, **(ADAM if self.adam else {}))
             prefix = torch.zeros(2, dtype=torch.int64, device=state.weights[0].device)
             self.histogram = torch.ops.sparse_ops.radix_histogram(state.scores, prefix, 0, False)
         else:
-            self.kwargs = dict(method="mgpp", prior_scale=PRIOR_SCALE, **PRIOR)
+            self.kwargs = dict(keys_from_scores=False, prior_scale=PRIOR_SCALE, **PRIOR)
             self.histogram = None
 
     def threshold(self) -> sparse_ops.Threshold:

@@ -98,7 +98,7 @@ def _load(w_ptr, g_ptr, s_ptr, ea_ptr, eas_ptr, offs, inside, HAS_SCORES: tl.con
 
 @triton.jit
 def _element_key(w_raw, s_raw, KEY_FROM_SCORES: tl.constexpr):
-    """Scores (movement methods) or |w|, as float32 (exact for every input dtype)."""
+    """The scores (keys_from_scores) or |w|, as float32 (exact for every input dtype)."""
     if KEY_FROM_SCORES:
         return s_raw.to(tl.float32)
     return tl.abs(w_raw).to(tl.float32)
@@ -261,24 +261,23 @@ def _adam_scalars(adam, score_lr, score_step, beta1, beta2, eps):
 
 
 def fused_prune_step_triton(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None, *,
-                            method, granularity="element", block_rows=1, block_cols=1, threshold=0.0, tie_cut=0,
+                            keys_from_scores=False, strict_threshold=False, granularity="element", block_rows=1,
+                            block_cols=1, threshold=0.0, tie_cut=0,
                             index_offset=0, prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
                             sigmoid_l1=0.0, score_step=0, score_beta1=0.9, score_beta2=0.999, score_eps=1e-8,
                             mask_grad=True, mask_weight=False, reuse_mask=False) -> None:
     """Launch the kernel for `granularity` on contiguous tensors (arguments checked by the op).
     With score_exp_avg/score_exp_avg_sq (float32, like the scores) the scores take Adam step
     `score_step`; the moments are read and written in the same pass."""
-    movement = method in ("movement", "soft_movement")
-    key_dtype = (scores.dtype if movement else weight.dtype) if granularity != "block" else torch.float32
+    key_dtype = (scores.dtype if keys_from_scores else weight.dtype) if granularity != "block" else torch.float32
     threshold = _threshold_as(threshold, key_dtype)
-    strict = method == "soft_movement"
     c1, c2, inv0, inv1 = mgp_constants(lam, var0, var1) if prior_scale != 0.0 else (0.0, 0.0, 0.0, 0.0)
     hist = torch.zeros(SLOTS, dtype=torch.int64, device=weight.device) if histogram is not None else None
     hist_dtype = scores.dtype if scores is not None else torch.float32  # element keys of the histogram
     update_scores = scores is not None and score_lr != 0.0
     adam = update_scores and score_exp_avg is not None
     adam_args = _adam_scalars(adam, score_lr, score_step, score_beta1, score_beta2, score_eps)
-    flags = dict(KEY_FROM_SCORES=movement, HAS_SCORES=scores is not None,
+    flags = dict(KEY_FROM_SCORES=keys_from_scores, HAS_SCORES=scores is not None,
                  UPDATE_SCORES=update_scores, ADAM=adam, SIGMOID_L1=sigmoid_l1 != 0.0,
                  ADD_PRIOR=prior_scale != 0.0, MASK_GRAD=mask_grad, MASK_WEIGHT=mask_weight,
                  REUSE_MASK=reuse_mask, EMIT_HIST=histogram is not None, SLOTS=SLOTS,
@@ -291,7 +290,7 @@ def fused_prune_step_triton(weight, grad, scores, mask, histogram, score_exp_avg
             n = weight.numel()
             _fused_prune_step_kernel[(triton.cdiv(n, ELEMENT_BLOCK),)](
                 weight, grad, s_arg, mask, hist, ea_arg, eas_arg, n, threshold, tie_cut, index_offset, prior_scale,
-                c1, c2, inv0, inv1, score_lr, sigmoid_l1, *adam_args, STRICT=strict, BLOCK=ELEMENT_BLOCK,
+                c1, c2, inv0, inv1, score_lr, sigmoid_l1, *adam_args, STRICT=strict_threshold, BLOCK=ELEMENT_BLOCK,
                 **key_type, **flags)
         elif granularity == "block":
             rows, cols = weight.shape
@@ -299,7 +298,7 @@ def fused_prune_step_triton(weight, grad, scores, mask, histogram, score_exp_avg
             _fused_prune_step_block_kernel[(triton.cdiv(rows, block_rows) * blocks_per_row,)](
                 weight, grad, s_arg, mask, hist, ea_arg, eas_arg, rows, cols, block_rows, block_cols, blocks_per_row,
                 threshold, tie_cut, index_offset, prior_scale, c1, c2, inv0, inv1, score_lr, sigmoid_l1, *adam_args,
-                STRICT=strict,
+                STRICT=strict_threshold,
                 TILE_R=triton.next_power_of_2(block_rows), TILE_C=triton.next_power_of_2(block_cols), **flags)
         else:
             groups = weight.numel() // 4

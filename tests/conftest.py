@@ -27,6 +27,15 @@ TEST_DIRS = [_HERE] + sorted(entry.path for entry in os.scandir(_HERE)
                              if entry.is_dir() and not entry.name.startswith(("_", ".")))
 sys.path.extend(d for d in TEST_DIRS if d not in sys.path)
 
+MOVEMENT = ("movement", "soft_movement")
+
+
+def op_flags(method: str) -> dict:
+    """What sparse_ops/pruning/<method>.py passes fused_prune_step: keys from the scores (the movement
+    methods) and a strict threshold (soft movement)."""
+    return {"keys_from_scores": method in MOVEMENT, "strict_threshold": method == "soft_movement"}
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

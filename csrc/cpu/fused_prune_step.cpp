@@ -1,12 +1,12 @@
 // CPU kernel of sparse_ops::fused_prune_step_cpu (schema in sparse_ops/ops/__init__.py; reference:
 // sparse_ops.ops.reference.fused_prune_step_ref). One pass over memory per tensor:
 //
-//   keys   (at entry)  element: |w| (magnitude, mgpp) or scores (movement methods), in their dtype;
+//   keys   (at entry)  element: |w|, or the scores when keys_from_scores, in their dtype;
 //                      block:   Σw² or Σscores per block, summed in float64, rounded once to float32;
 //                      2:4:     element keys, groups of 4 along the last dim.
 //   keep   element/block: key > threshold, or key == threshold and global index ≥ tie_cut
 //                      (global index = index_offset + flat element index, or row-major block index;
-//                      soft_movement keeps key > threshold only); threshold is rounded to the key's
+//                      strict_threshold keeps key > threshold only); threshold is rounded to the key's
 //                      dtype first. 2:4: the 2 largest keys of each group (lower index pruned first
 //                      among equal keys).
 //   G       = g·w + sigmoid_l1·σ(s)·(1−σ(s))   (raw grad and weight; the σ term only when
@@ -57,8 +57,8 @@ namespace {
 enum class Granularity { kElement, kBlock, kTwoFour };
 
 struct Rule {
-  bool movement;  // keys come from scores
-  bool strict;    // soft_movement: key > threshold only
+  bool keys_from_scores;
+  bool strict;  // key > threshold only
   bool reuse;     // keep = the mask passed in (no keys, no threshold), for every granularity
   double threshold;
   int64_t tie_cut;
@@ -293,7 +293,7 @@ void run_element(const Update<W, S>& up, int64_t n, const Rule& rule, HistogramM
         const int64_t split = r.tie_split(i0, len);
         if (r.reuse) {
           // keep flags are already in the mask
-        } else if (r.movement) {
+        } else if (r.keys_from_scores) {
           keep_pass<S, false>(u.scores + i0, u.mask + i0, len, split, thr_s);
         } else {
           keep_pass<W, true>(u.weight + i0, u.mask + i0, len, split, thr_w);
@@ -311,7 +311,7 @@ void run_two_four(const Update<W, S>& up, int64_t n, const Rule& rule, Histogram
   // chunks of whole groups of 4
   at::parallel_for(0, n / 4, at::internal::GRAIN_SIZE / 16, [&](int64_t begin, int64_t end) {
     const Update<W, S> u = up;
-    const bool movement = rule.movement;
+    const bool from_scores = rule.keys_from_scores;
     const bool reuse = rule.reuse;
     LocalHistogram local;
     constexpr int64_t kGroups = kChunk / 4;
@@ -322,7 +322,7 @@ void run_two_four(const Update<W, S>& up, int64_t n, const Rule& rule, Histogram
           const int64_t base = 4 * group;
           double key[4];
           for (int j = 0; j < 4; ++j) {
-            key[j] = movement ? static_cast<double>(load_value(u.scores + base + j))
+            key[j] = from_scores ? static_cast<double>(load_value(u.scores + base + j))
                               : std::abs(static_cast<double>(load_value(u.weight + base + j)));
           }
           for (int i = 0; i < 4; ++i) {
@@ -361,7 +361,7 @@ void run_block(const Update<W, S>& up, int64_t rows, int64_t cols, int64_t block
           for (int64_t bc = 0; bc < n_block_cols; ++bc) {
             const int64_t c0 = bc * block_cols, c1 = std::min(cols, c0 + block_cols);
             double s = sums[bc];
-            if (rule.movement) {
+            if (rule.keys_from_scores) {
               for (int64_t c = c0; c < c1; ++c) s += static_cast<double>(load_value(u.scores + row + c));
             } else {
               for (int64_t c = c0; c < c1; ++c) {
@@ -419,14 +419,11 @@ void check_like(const at::Tensor& t, const at::Tensor& weight, const char* name)
 void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, const std::optional<at::Tensor>& scores,
                            const at::Tensor& mask, const std::optional<at::Tensor>& histogram,
                            const std::optional<at::Tensor>& score_exp_avg,
-                           const std::optional<at::Tensor>& score_exp_avg_sq, c10::string_view method,
+                           const std::optional<at::Tensor>& score_exp_avg_sq, bool keys_from_scores, bool strict_threshold,
                            c10::string_view granularity, int64_t block_rows, int64_t block_cols, double threshold,
                            int64_t tie_cut, int64_t index_offset, double prior_scale, double lam, double var0,
                            double var1, double score_lr, double sigmoid_l1, int64_t score_step, double score_beta1,
                            double score_beta2, double score_eps, bool mask_grad, bool mask_weight, bool reuse_mask) {
-  const bool movement = method == "movement" || method == "soft_movement";
-  TORCH_CHECK(movement || method == "magnitude" || method == "mgpp",
-              "method must be one of magnitude, mgpp, movement, soft_movement, got '", std::string(method), "'");
   Granularity gran;
   if (granularity == "element") {
     gran = Granularity::kElement;
@@ -449,7 +446,7 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
     check_like(*scores, weight, "scores");
     check_float(*scores, "scores");
   }
-  TORCH_CHECK(has_scores || !movement, "scores is required for method='", std::string(method), "'");
+  TORCH_CHECK(has_scores || !keys_from_scores, "scores is required when keys_from_scores is true");
   TORCH_CHECK(has_scores || score_lr == 0.0, "score_lr is non-zero but scores is None");
   // Adam on the scores: both moments or neither, shaped like weight, in the scores' dtype
   const bool has_avg = score_exp_avg.has_value() && score_exp_avg->defined();
@@ -481,7 +478,7 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
   }
   const bool has_hist = histogram.has_value() && histogram->defined();
   if (has_hist) {
-    TORCH_CHECK(movement, "histogram is only emitted for the movement methods");
+    TORCH_CHECK(keys_from_scores, "histogram is only emitted when keys_from_scores is true");
     check_cpu(*histogram, "histogram");
     TORCH_CHECK(histogram->scalar_type() == at::kLong && histogram->dim() == 1 && histogram->numel() == kHistSlots,
                 "histogram must be int64 of shape (", kHistSlots, ",), got ", histogram->scalar_type(), " ",
@@ -520,7 +517,7 @@ void fused_prune_step_cpu(const at::Tensor& weight, const at::Tensor& grad, cons
   const at::Tensor s = has_scores ? scores->contiguous() : at::Tensor();
   const at::Tensor ea = adam ? score_exp_avg->contiguous() : at::Tensor();
   const at::Tensor ea_sq = adam ? score_exp_avg_sq->contiguous() : at::Tensor();
-  const Rule rule{movement, method == "soft_movement", reuse_mask, threshold, tie_cut, index_offset};
+  const Rule rule{keys_from_scores, strict_threshold, reuse_mask, threshold, tie_cut, index_offset};
   HistogramMerger merger;
   HistogramMerger* merger_ptr = has_hist ? &merger : nullptr;
   const at::ScalarType score_dtype = has_scores ? s.scalar_type() : weight.scalar_type();

@@ -80,7 +80,7 @@ def prune_layer(teacher: torch.nn.Linear, train_x, test_x, method: str, args) ->
     started = time.perf_counter()
     for step in range(args.steps):
         # 1. the threshold for this step, from the keys as they are now
-        keys = prune_keys_ref(weight.detach(), scores, method, "element", 1, 1)
+        keys = prune_keys_ref(weight.detach(), scores, movement, "element", 1, 1)
         count = schedule.prune_count(step, keys.numel())
         if method == "soft_movement":
             value, tie_cut = 0.0, 0  # fixed τ = 0: the sparsity follows the scores
@@ -106,7 +106,8 @@ def prune_layer(teacher: torch.nn.Linear, train_x, test_x, method: str, args) ->
         fixed = step >= schedule.t_e
         prune_now = step >= schedule.t_i and (movement or fixed or (step - schedule.t_i) % args.interval == 0)
         torch.ops.sparse_ops.fused_prune_step(
-            weight.data, weight.grad, scores, mask, histogram, method=method, threshold=value, tie_cut=tie_cut,
+            weight.data, weight.grad, scores, mask, histogram, keys_from_scores=movement,
+            strict_threshold=method == "soft_movement", threshold=value, tie_cut=tie_cut,
             prior_scale=1.0 / n_train if method == "mgpp" else 0.0, lam=0.1, var0=1e-9, var1=0.05,
             score_lr=(args.soft_score_lr if method == "soft_movement" else args.score_lr) if movement else 0.0,
             sigmoid_l1=args.soft_l1 * schedule.sparsity(step) / args.sparsity if method == "soft_movement" else 0.0,

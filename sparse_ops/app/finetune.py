@@ -36,13 +36,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..pruning import METHODS as PRUNING_METHODS
 from ..pruning.config import SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
 from . import app_dependency
 from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
 from ..pruning.distillation import distillation_loss, num_outputs
 from ..pruning.pruner import PRUNER_STATE, Pruner, find_targets
 
-METHODS = ("dense", "magnitude", "movement", "soft_movement", "mgpp")
+METHODS = ("dense", *PRUNING_METHODS)  # dense: fine-tuning without pruning
 MGPP_INITIAL_SPARSITY = 0.3  # s_i of the MGPP authors' SST-2 recipe
 RUN_JSON = "sparse_ops_run.json"
 

@@ -13,7 +13,8 @@ Schemas (see README "Ops" for the full contract):
   kthvalue_multi(Tensor[] xs, int k, bool absolute=False) -> Tensor                (0-dim)
   fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask,
                    Tensor(e!)? histogram, Tensor(f!)? score_exp_avg=None,
-                   Tensor(g!)? score_exp_avg_sq=None, *, str method, ...) -> ()
+                   Tensor(g!)? score_exp_avg_sq=None, *, bool keys_from_scores=False,
+                   bool strict_threshold=False, ...) -> ()
   csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias,
              int out_features, str activation="none") -> Tensor                   (..., out_features)
   bsr_linear(<the same>) -> Tensor                       (values of shape (nnz_blocks, br, bc))
@@ -45,7 +46,7 @@ _lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defi
 _FUSED_SCHEMA = (
     "fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask, "
     "Tensor(e!)? histogram, Tensor(f!)? score_exp_avg=None, Tensor(g!)? score_exp_avg_sq=None, *, "
-    "str method, str granularity='element', int block_rows=1, int block_cols=1, float threshold=0., "
+    "bool keys_from_scores=False, bool strict_threshold=False, str granularity='element', int block_rows=1, int block_cols=1, float threshold=0., "
     "int tie_cut=0, int index_offset=0, float prior_scale=0., float lam=0.1, float var0=1e-10, "
     "float var1=0.05, float score_lr=0., float sigmoid_l1=0., int score_step=0, float score_beta1=0.9, "
     "float score_beta2=0.999, float score_eps=1e-8, bool mask_grad=True, bool mask_weight=False, "

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .prior import check_prior_args
-from .reference import GRANULARITIES, KEY_BITS, METHODS, RADIX_BINS
+from .reference import GRANULARITIES, KEY_BITS, RADIX_BINS
 
 FLOAT_DTYPES = tuple(KEY_BITS)
 
@@ -53,22 +53,20 @@ def _check_same(name: str, t, weight: torch.Tensor, dtype=None) -> None:
         raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
-def check_fused_args(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None, *, method,
+def check_fused_args(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None, *,
+                     keys_from_scores=False, strict_threshold=False,
                      granularity="element", block_rows=1, block_cols=1, threshold=0.0, tie_cut=0, index_offset=0,
                      prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0, sigmoid_l1=0.0, score_step=0,
                      score_beta1=0.9, score_beta2=0.999, score_eps=1e-8, mask_grad=True, mask_weight=False,
                      reuse_mask=False) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     check_float_tensor("weight", weight)
     _check_same("grad", grad, weight, weight.dtype)
     _check_same("mask", mask, weight, torch.bool)
-    movement = method in ("movement", "soft_movement")
     if scores is None:
-        if movement:
-            raise ValueError(f"scores is required for method={method!r}")
+        if keys_from_scores:
+            raise ValueError("scores is required when keys_from_scores is true")
         if score_lr != 0.0:
             raise ValueError("score_lr is non-zero but scores is None")
     else:
@@ -76,8 +74,8 @@ def check_fused_args(weight, grad, scores, mask, histogram, score_exp_avg=None, 
         _check_same("scores", scores, weight)
     _check_adam(scores, score_exp_avg, score_exp_avg_sq, score_step, score_beta1, score_beta2, score_eps)
     if histogram is not None:
-        if not movement:
-            raise ValueError(f"histogram is only emitted for the movement methods, not method={method!r}")
+        if not keys_from_scores:
+            raise ValueError("histogram is only emitted when keys_from_scores is true (the next selection's keys)")
         if histogram.dtype != torch.int64 or tuple(histogram.shape) != (RADIX_BINS + 1,):
             raise ValueError(f"histogram must be int64 of shape ({RADIX_BINS + 1},), got {histogram.dtype} {tuple(histogram.shape)}")
         if histogram.device != weight.device:

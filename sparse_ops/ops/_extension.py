@@ -12,7 +12,7 @@ import torch
 
 # The op schemas' version (sparse_ops/ops/__init__.py defines the schemas): bump it together with
 # csrc/cpu/schema_version.cpp whenever a schema changes, so a stale build is refused.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _state = {"loaded": False, "error": None}
 

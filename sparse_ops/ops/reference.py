@@ -11,7 +11,6 @@ import torch
 
 from .prior import mgp_constants
 
-METHODS = ("magnitude", "mgpp", "movement", "soft_movement")
 GRANULARITIES = ("element", "block", "2:4")
 RADIX_BITS = 8
 RADIX_BINS = 1 << RADIX_BITS
@@ -140,15 +139,14 @@ def two_four_keep(keys: torch.Tensor) -> torch.Tensor:
     return (before.sum(dim=2) >= 2).view(keys.shape)
 
 
-def prune_keys_ref(weight: torch.Tensor, scores: torch.Tensor | None, method: str, granularity: str,
+def prune_keys_ref(weight: torch.Tensor, scores: torch.Tensor | None, keys_from_scores: bool, granularity: str,
                    block_rows: int, block_cols: int) -> torch.Tensor:
-    """The keys a mask is thresholded on: |w| (magnitude, mgpp) or scores (movement methods);
-    per block: Σw² or Σscores (block_keys_ref)."""
-    movement = method in ("movement", "soft_movement")
-    source = scores if movement else weight
+    """The keys a mask is thresholded on: |w|, or the scores when keys_from_scores; per block: Σw² or
+    Σscores (block_keys_ref)."""
+    source = scores if keys_from_scores else weight
     if granularity == "block":
-        return block_keys_ref(source, block_rows, block_cols, squared=not movement)
-    return source if movement else source.abs()
+        return block_keys_ref(source, block_rows, block_cols, squared=not keys_from_scores)
+    return source if keys_from_scores else source.abs()
 
 
 def adam_constants(score_lr: float, score_step: int, beta1: float, beta2: float) -> tuple[float, float]:
@@ -158,7 +156,7 @@ def adam_constants(score_lr: float, score_step: int, beta1: float, beta2: float)
 
 
 def fused_prune_step_ref(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None, *,
-                         method, granularity="element", block_rows=1, block_cols=1, threshold=0.0, tie_cut=0,
+                         keys_from_scores=False, strict_threshold=False, granularity="element", block_rows=1, block_cols=1, threshold=0.0, tie_cut=0,
                          index_offset=0, prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
                          sigmoid_l1=0.0, score_step=0, score_beta1=0.9, score_beta2=0.999, score_eps=1e-8,
                          mask_grad=True, mask_weight=False, reuse_mask=False) -> None:
@@ -168,13 +166,13 @@ def fused_prune_step_ref(weight, grad, scores, mask, histogram, score_exp_avg=No
     S ← S − score_lr·G without moment buffers, or by torch.optim.Adam's bias-corrected step number
     `score_step` with them (no weight decay), in the order torch's single-tensor Adam computes it:
     m ← m + (1−β1)(G−m); v ← β2·v + (1−β2)·G·G; S ← S − (lr/(1−β1^t))·m / (√v/√(1−β2^t) + eps)."""
-    keys = prune_keys_ref(weight, scores, method, granularity, block_rows, block_cols)
+    keys = prune_keys_ref(weight, scores, keys_from_scores, granularity, block_rows, block_cols)
     if reuse_mask:  # a fixed mask: keep what `mask` already keeps
         keep = mask.clone()
     elif granularity == "2:4":
         keep = two_four_keep(keys)
     else:
-        keep = threshold_keep(keys, threshold, tie_cut, index_offset, strict=method == "soft_movement")
+        keep = threshold_keep(keys, threshold, tie_cut, index_offset, strict=strict_threshold)
         if granularity == "block":
             keep = expand_block_mask(keep, tuple(weight.shape), block_rows, block_cols)
     ct = compute_dtype(weight.dtype)
@@ -203,7 +201,7 @@ def fused_prune_step_ref(weight, grad, scores, mask, histogram, score_exp_avg=No
         weight.masked_fill_(~keep, 0.0)
     mask.copy_(keep)
     if histogram is not None:
-        next_keys = prune_keys_ref(weight, scores, method, granularity, block_rows, block_cols)
+        next_keys = prune_keys_ref(weight, scores, keys_from_scores, granularity, block_rows, block_cols)
         state = torch.zeros(2, dtype=torch.int64, device=histogram.device)
         histogram += radix_histogram_ref([next_keys], state, 0, absolute=False)[: histogram.numel()]
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from .base import KEEP_ALL, PruningMethod
 
+METHODS = ("magnitude", "mgpp", "movement", "soft_movement")  # the one list of method names
+
 
 def method_for(config) -> type[PruningMethod]:
-    """The class that implements config.method."""
+    """The class that implements config.method (its `name`)."""
     from .magnitude import Magnitude
     from .mgpp import MGPP
     from .movement import Movement
     from .soft_movement import SoftMovement
 
-    return {"magnitude": Magnitude, "mgpp": MGPP, "movement": Movement, "soft_movement": SoftMovement}[config.method]
+    return {cls.name: cls for cls in (Magnitude, MGPP, Movement, SoftMovement)}[config.method]
 
 
-__all__ = ["KEEP_ALL", "PruningMethod", "method_for"]
+__all__ = ["KEEP_ALL", "METHODS", "PruningMethod", "method_for"]

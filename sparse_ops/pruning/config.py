@@ -12,7 +12,8 @@ import json
 import math
 from typing import Any
 
-from ..ops.reference import GRANULARITIES, METHODS
+from ..ops.reference import GRANULARITIES
+from . import METHODS
 from .schedule import CubicSchedule
 
 BERT_TARGETS = (

@@ -40,7 +40,7 @@ class Magnitude(PruningMethod):
                 thr = p.select(keys, p.count(group, step))
             for t in group:
                 torch.ops.sparse_ops.fused_prune_step(
-                    t.weight.data, t.weight.grad, None, t.mask, None, method=self.name, threshold=thr.value,
+                    t.weight.data, t.weight.grad, None, t.mask, None, keys_from_scores=False, threshold=thr.value,
                     tie_cut=thr.tie_cut, mask_grad=enforced, mask_weight=event, reuse_mask=enforced and not event,
                     **self.prior_args(step), **p.kernel_args(t))
 

@@ -63,6 +63,7 @@ def keep_top(keys: torch.Tensor, keep: int, index_offset: int) -> Threshold:
 
 class Movement(PruningMethod):
     name = "movement"
+    selects_from_histograms = True  # each step's TopK reads the histogram the fused pass emitted
 
     def __init__(self, pruner):
         super().__init__(pruner)
@@ -80,7 +81,7 @@ class Movement(PruningMethod):
             t.module.forward = types.MethodType(_masked_linear_forward, t.module)
         # the fused pass emits the level-0 histogram of the updated scores; it stands in for the
         # first radix level of the next selection (element keys of hard movement only)
-        uses_histograms = self.name == "movement" and pruner.granularity == "element"
+        uses_histograms = self.selects_from_histograms and pruner.granularity == "element"
         device = pruner.targets[0].mask.device
         self.histograms = [torch.zeros(257, dtype=torch.int64, device=device)
                            for _ in pruner.groups()] if uses_histograms else None
@@ -179,7 +180,8 @@ class Movement(PruningMethod):
                 torch.ops.sparse_ops.fused_prune_step(
                     t.weight.data, t.weight.grad, t.scores, t.mask,
                     self.histograms[g] if self.histograms is not None else None, t.exp_avg, t.exp_avg_sq,
-                    method=method or "movement", threshold=thr.value, tie_cut=thr.tie_cut, reuse_mask=not method,
+                    keys_from_scores=True, strict_threshold=method == "soft_movement", threshold=thr.value,
+                    tie_cut=thr.tie_cut, reuse_mask=not method,
                     **args, **p.kernel_args(t))
         self.histograms_fresh = self.histograms is not None
         self.select_masks(step=p.step + 1)

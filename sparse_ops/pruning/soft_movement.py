@@ -38,6 +38,7 @@ SAMPLE = 1 << 16     # gradient entries sampled per matrix to start λ_mvp
 
 class SoftMovement(Movement):
     name = "soft_movement"
+    selects_from_histograms = False  # a threshold τ, no TopK
 
     def __init__(self, pruner):
         self.tau: float | None = None

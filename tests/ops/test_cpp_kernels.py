@@ -24,7 +24,10 @@ import pytest
 import torch
 
 import sparse_ops
+from conftest import MOVEMENT, op_flags
+
 from sparse_ops.ops import reference
+from sparse_ops.pruning import METHODS
 from sparse_ops.ops import CPP_OPS, cpu_backend
 
 BUILT = all(cpu_backend(op) == "cpp" for op in CPP_OPS)
@@ -259,7 +262,7 @@ def check_fused(cpp, ref, kwargs, what, weight, scores=None, histogram=None):
         else:
             assert_identical(s1, s2, f"{what} scores")
     if h1 is not None:
-        keys = reference.prune_keys_ref(w1, s1, kwargs["method"], kwargs["granularity"], kwargs["block_rows"],
+        keys = reference.prune_keys_ref(w1, s1, kwargs["keys_from_scores"], kwargs["granularity"], kwargs["block_rows"],
                                         kwargs["block_cols"])
         state = torch.zeros(2, dtype=torch.int64)
         own = histogram + reference.radix_histogram_ref([keys], state, 0, absolute=False)
@@ -275,7 +278,7 @@ def check_fused(cpp, ref, kwargs, what, weight, scores=None, histogram=None):
 
 
 def fused_cases():
-    for method, granularity in itertools.product(reference.METHODS, reference.GRANULARITIES):
+    for method, granularity in itertools.product(METHODS, reference.GRANULARITIES):
         pairs = [(dtype, dtype) for dtype in DTYPES]
         if granularity == "element":  # scores in another dtype than the weight
             pairs += [(torch.float32, torch.float16), (torch.bfloat16, torch.float32), (torch.float64, torch.float16)]
@@ -302,11 +305,11 @@ def test_fused_prune_step(method, granularity, dtype, score_dtype):
             weight, grad, mask = non_contiguous(weight), non_contiguous(grad), non_contiguous(mask)
             scores = None if scores is None else non_contiguous(scores)
         index_offset = [0, 5, 1000][case % 3]
-        keys = reference.prune_keys_ref(weight, scores, method, granularity, br, bc)
+        keys = reference.prune_keys_ref(weight, scores, method in MOVEMENT, granularity, br, bc)
         threshold, tie_cut = pick_threshold(keys, index_offset, gen)
         if case % 5 == 4:  # a threshold that is not representable in the key dtype
             threshold = threshold + 0.1
-        kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+        kwargs = dict(**op_flags(method), granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
                       tie_cut=tie_cut, index_offset=index_offset, prior_scale=prior_scale, lam=0.1, var0=var0,
                       var1=0.05, score_lr=score_lr if with_scores else 0.0, sigmoid_l1=sigmoid_l1,
                       mask_grad=mask_grad, mask_weight=mask_weight)
@@ -316,7 +319,7 @@ def test_fused_prune_step(method, granularity, dtype, score_dtype):
 
 
 @pytest.mark.parametrize("threshold", [-math.inf, math.inf, 0.0])
-@pytest.mark.parametrize("method", reference.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_fused_prune_step_threshold_edges(method, threshold):
     """0% and 100% pruning, and a zero threshold with zero keys present (ties at ±0)."""
     gen = torch.Generator().manual_seed(5)
@@ -327,7 +330,7 @@ def test_fused_prune_step_threshold_edges(method, threshold):
     mask = torch.zeros(shape, dtype=torch.bool)
     histogram = torch.zeros(reference.RADIX_BINS + 1, dtype=torch.int64) if method.endswith("movement") else None
     for granularity, (br, bc) in (("element", (1, 1)), ("block", (4, 8))):
-        kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+        kwargs = dict(**op_flags(method), granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
                       tie_cut=300, index_offset=0, prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05, score_lr=0.0,
                       mask_grad=True, mask_weight=True)
         cpp, ref = run_both(weight, grad, scores, mask, histogram, **kwargs)
@@ -345,9 +348,9 @@ def test_fused_prune_step_large_parallel():
     histogram = torch.zeros(reference.RADIX_BINS + 1, dtype=torch.int64)
     cases = itertools.product((("element", (1, 1)), ("block", (32, 32)), ("2:4", (1, 1))), (0.0, 1e-2))
     for (granularity, (br, bc)), sigmoid_l1 in cases:
-        keys = reference.prune_keys_ref(weight, scores, "movement", granularity, br, bc)
+        keys = reference.prune_keys_ref(weight, scores, True, granularity, br, bc)
         threshold, tie_cut = pick_threshold(keys, 0, gen)
-        kwargs = dict(method="movement", granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+        kwargs = dict(keys_from_scores=True, granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
                       tie_cut=tie_cut, index_offset=0, prior_scale=1e-4, lam=0.1, var0=1e-10, var1=0.05,
                       score_lr=0.01, sigmoid_l1=sigmoid_l1, mask_grad=True, mask_weight=False)
         cpp, ref = run_both(weight, grad, scores, mask, histogram, **kwargs)
@@ -357,16 +360,16 @@ def test_fused_prune_step_large_parallel():
 def test_fused_prune_step_rejects_bad_arguments():
     w = torch.zeros(4, 4)
     with pytest.raises(RuntimeError, match="mask must have dtype bool"):
-        OPS.fused_prune_step_cpu(w, w.clone(), None, torch.zeros(4, 4), None, method="magnitude")
+        OPS.fused_prune_step_cpu(w, w.clone(), None, torch.zeros(4, 4), None, keys_from_scores=False)
     with pytest.raises(RuntimeError, match="grad must have the shape of weight"):
-        OPS.fused_prune_step_cpu(w, torch.zeros(4, 5), None, w.bool(), None, method="magnitude")
+        OPS.fused_prune_step_cpu(w, torch.zeros(4, 5), None, w.bool(), None, keys_from_scores=False)
     with pytest.raises(RuntimeError, match="histogram must be int64"):
         OPS.fused_prune_step_cpu(w, w.clone(), w.clone(), w.bool(), torch.zeros(256, dtype=torch.int64),
-                                 method="movement")
+                                 keys_from_scores=True)
     with pytest.raises(RuntimeError, match="scores is required"):
-        OPS.fused_prune_step_cpu(w, w.clone(), None, w.bool(), None, method="movement")
+        OPS.fused_prune_step_cpu(w, w.clone(), None, w.bool(), None, keys_from_scores=True)
     with pytest.raises(RuntimeError, match="granularity must be one of"):
-        OPS.fused_prune_step_cpu(w, w.clone(), None, w.bool(), None, method="magnitude", granularity="row")
+        OPS.fused_prune_step_cpu(w, w.clone(), None, w.bool(), None, keys_from_scores=False, granularity="row")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +433,7 @@ def check_fused_adam(cpp, ref, kwargs, what, entry):
     assert_identical(s1, adam_scores_ieee(scores, ea1, eas1, weight.dtype, kwargs), f"{what} scores (IEEE √)")
     step = (s2.double() - scores.double()).abs()
     assert_close_scaled(s1, s2, scores.abs() + step, RTOL[ct], f"{what} scores (reference)")
-    keys = reference.prune_keys_ref(w1, s1, kwargs["method"], kwargs["granularity"], kwargs["block_rows"],
+    keys = reference.prune_keys_ref(w1, s1, kwargs["keys_from_scores"], kwargs["granularity"], kwargs["block_rows"],
                                     kwargs["block_cols"])
     own = histogram + reference.radix_histogram_ref([keys], torch.zeros(2, dtype=torch.int64), 0, absolute=False)
     assert_identical(h1, own, f"{what} histogram of the kernel's own scores")
@@ -457,7 +460,7 @@ def adam_moments(shape, dtype, gen, fresh: bool):
 
 def adam_kwargs(method, granularity, br, bc, options, step, threshold, tie_cut, index_offset):
     prior_scale, score_lr, mask_grad, mask_weight, sigmoid_l1, beta1, beta2, eps = options
-    return dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+    return dict(**op_flags(method), granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
                 tie_cut=tie_cut, index_offset=index_offset, prior_scale=prior_scale, lam=0.1, var0=1e-10, var1=0.05,
                 score_lr=score_lr, sigmoid_l1=sigmoid_l1, score_step=step, score_beta1=beta1, score_beta2=beta2,
                 score_eps=eps, mask_grad=mask_grad, mask_weight=mask_weight)
@@ -485,7 +488,7 @@ def test_fused_prune_step_adam(method, granularity, dtype, score_dtype):
         for step in range(1, ADAM_STEPS + 1):
             grad = random_values(shape, dtype, gen)
             index_offset = [0, 5, 1000][(case + step) % 3]
-            keys = reference.prune_keys_ref(weight, scores, method, granularity, br, bc)
+            keys = reference.prune_keys_ref(weight, scores, method in MOVEMENT, granularity, br, bc)
             threshold, tie_cut = pick_threshold(keys, index_offset, gen)
             kwargs = adam_kwargs(method, granularity, br, bc, options, step, threshold, tie_cut, index_offset)
             entry = [weight, grad, scores, mask, histogram, exp_avg, exp_avg_sq]
@@ -510,7 +513,7 @@ def test_fused_prune_step_adam_large_parallel():
     histogram = torch.zeros(reference.RADIX_BINS + 1, dtype=torch.int64)
     cases = itertools.product((("element", (1, 1)), ("block", (32, 32)), ("2:4", (1, 1))), (0.0, 1e-2))
     for (granularity, (br, bc)), sigmoid_l1 in cases:
-        keys = reference.prune_keys_ref(weight, scores, "movement", granularity, br, bc)
+        keys = reference.prune_keys_ref(weight, scores, True, granularity, br, bc)
         threshold, tie_cut = pick_threshold(keys, 0, gen)
         options = (1e-4, 1e-2, True, False, sigmoid_l1, 0.9, 0.999, 1e-8)
         kwargs = adam_kwargs("movement", granularity, br, bc, options, 7, threshold, tie_cut, 0)
@@ -529,7 +532,7 @@ def test_fused_prune_step_adam_non_contiguous_moments(granularity):
     weight = random_values(shape, torch.float32, gen)
     scores = random_values(shape, torch.float32, gen)
     exp_avg, exp_avg_sq = adam_moments(shape, torch.float32, gen, fresh=False)
-    kwargs = dict(method="movement", granularity=granularity, block_rows=br, block_cols=bc, threshold=0.0,
+    kwargs = dict(keys_from_scores=True, granularity=granularity, block_rows=br, block_cols=bc, threshold=0.0,
                   score_lr=1e-2, score_step=3)
 
     def call(op, exp_avg, exp_avg_sq):
@@ -564,7 +567,7 @@ def test_fused_prune_step_adam_non_contiguous_moments(granularity):
 def test_fused_prune_step_adam_rejects_bad_arguments():
     """The public op's checks (Python, before any kernel) name the argument; so do the C++ kernel's."""
     w = torch.zeros(4, 4)
-    ok = dict(method="movement", score_lr=1e-2, score_step=1)
+    ok = dict(keys_from_scores=True, score_lr=1e-2, score_step=1)
 
     def args(scores=None, exp_avg=None, exp_avg_sq=None):
         scores = torch.zeros(4, 4) if scores is None else scores
@@ -619,11 +622,11 @@ def test_fused_prune_step_masking_is_masked_fill(method, granularity, dtype):
     scores = random_values(shape, dtype, gen, extremes=False) if method == "movement" else None
     mask = torch.zeros(shape, dtype=torch.bool)
     histogram = torch.zeros(reference.RADIX_BINS + 1, dtype=torch.int64) if method == "movement" else None
-    keys = reference.prune_keys_ref(weight, scores, method, granularity, br, bc)
+    keys = reference.prune_keys_ref(weight, scores, method in MOVEMENT, granularity, br, bc)
     finite = keys.flatten()[keys.flatten().isfinite()]
     threshold = float(finite.median()) if finite.numel() else 0.0
     for score_lr in ((0.0, 0.1) if method == "movement" else (0.0,)):
-        kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
+        kwargs = dict(**op_flags(method), granularity=granularity, block_rows=br, block_cols=bc, threshold=threshold,
                       tie_cut=0, index_offset=0, prior_scale=0.0, lam=0.1, var0=1e-10, var1=0.05,
                       score_lr=score_lr, sigmoid_l1=0.0, mask_grad=True, mask_weight=True)
         cpp, ref = run_both(weight, grad, scores, mask, histogram, **kwargs)
@@ -676,7 +679,7 @@ def test_16bit_conversions_match_torch(dtype):
     for name, scores, grad in (("round trip", every.clone(), torch.zeros(every.shape)),
                                ("rounding", torch.zeros(values.shape, dtype=dtype), -values)):
         weight = torch.ones(scores.shape)
-        kwargs = dict(method="movement", threshold=0.0, score_lr=1.0)
+        kwargs = dict(keys_from_scores=True, threshold=0.0, score_lr=1.0)
         cpp, ref = run_both(weight, grad, scores, torch.zeros(scores.shape, dtype=torch.bool), None, **kwargs)
         out, want = cpp[2], ref[2]
         nan = want.isnan()
@@ -710,7 +713,8 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         w, g, s = x.clone(), x.flip(0).clone(), (x * 7).clone()
         m = torch.zeros(x.shape, dtype=torch.bool)
         h = torch.zeros(257, dtype=torch.int64) if method == "soft_movement" else None
-        OPS.fused_prune_step_cpu(w, g, s if h is not None else None, m, h, method=method, threshold=0.01,
+        OPS.fused_prune_step_cpu(w, g, s if h is not None else None, m, h, keys_from_scores=h is not None,
+                                 strict_threshold=h is not None, threshold=0.01,
                                  tie_cut=5, mask_weight=True, **kw)
         out[f"{method} {dtype}"] = [w, g, s, m, h]
     score_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -720,7 +724,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         w, g, s = x.clone(), x.flip(0).clone(), (x * 7).flip(1).to(score_dtype)
         ea, eas = (x.roll(500, 0) * 0.1).to(score_dtype), x.roll(500, 0).square().to(score_dtype)
         m, h = torch.zeros(x.shape, dtype=torch.bool), torch.zeros(257, dtype=torch.int64)
-        OPS.fused_prune_step_cpu(w, g, s, m, h, ea, eas, method="movement", threshold=0.01, score_lr=0.1,
+        OPS.fused_prune_step_cpu(w, g, s, m, h, ea, eas, keys_from_scores=True, threshold=0.01, score_lr=0.1,
                                  sigmoid_l1=sigmoid_l1, score_step=2, prior_scale=1e-3)
         out[f"adam {sigmoid_l1} {dtype}"] = [w, g, s, m, h, ea, eas]
 torch.save(out, sys.argv[1])

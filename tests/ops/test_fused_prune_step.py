@@ -7,13 +7,13 @@ import itertools
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, triton_device, triton_kernels
+from conftest import FLOAT_DTYPES, MOVEMENT, op_flags, triton_device, triton_kernels
 
 import sparse_ops
 from sparse_ops.ops import use_backend
 from sparse_ops.ops.reference import fused_prune_step_ref, prune_keys_ref, radix_histogram_ref
+from sparse_ops.pruning import METHODS
 
-METHODS = ["magnitude", "mgpp", "movement", "soft_movement"]
 GRANULARITIES = {"element": (1, 1), "block": (8, 16), "2:4": (1, 1)}
 
 
@@ -27,10 +27,10 @@ def make_case(method, granularity, dtype, device, shape=(37, 52), seed=0):
         scores = torch.randn(shape, generator=g).to(dtype).to(device)
         scores[:5] = 0.5  # a run of ties at the threshold
     br, bc = GRANULARITIES[granularity]
-    keys = prune_keys_ref(w, scores, method, granularity, br, bc)
+    keys = prune_keys_ref(w, scores, method in MOVEMENT, granularity, br, bc)
     count = keys.numel() // 2
     thr = sparse_ops.prune_threshold([keys], count)
-    kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=thr.value,
+    kwargs = dict(**op_flags(method), granularity=granularity, block_rows=br, block_cols=bc, threshold=thr.value,
                   tie_cut=thr.tie_cut, prior_scale=1e-3 if method == "mgpp" else 0.0,
                   score_lr=0.01 if scores is not None else 0.0, mask_weight=method == "magnitude",
                   sigmoid_l1=0.5 if method == "soft_movement" else 0.0)
@@ -62,12 +62,11 @@ def test_triton_matches_reference(device, method, granularity, dtype):
     if scores is not None:
         torch.testing.assert_close(got[2], want[2], **tol)
         # the histogram describes exactly the keys the kernel stored (what the next selection reads)
-        next_keys = prune_keys_ref(got[0], got[2], method, granularity, kwargs["block_rows"], kwargs["block_cols"])
+        next_keys = prune_keys_ref(got[0], got[2], method in MOVEMENT, granularity, kwargs["block_rows"], kwargs["block_cols"])
         state = torch.zeros(2, dtype=torch.int64, device=device)
         assert torch.equal(got[4], radix_histogram_ref([next_keys], state, 0, absolute=False))
 
 
-MOVEMENT = ["movement", "soft_movement"]
 ADAM_SHAPES = {"element": (37, 53), "block": (37, 52), "2:4": (21, 36)}  # odd sizes, partial blocks/programs
 ADAM = dict(score_beta1=0.9, score_beta2=0.999, score_eps=1e-8)
 
@@ -79,9 +78,9 @@ def adam_step_case(method, granularity, dtype, scores, device, seed):
     w = torch.randn(scores.shape, generator=g).to(dtype).to(device)
     grad = (torch.randn(scores.shape, generator=g) * 1e-2).to(dtype).to(device)
     br, bc = GRANULARITIES[granularity]
-    keys = prune_keys_ref(w, scores, method, granularity, br, bc)
+    keys = prune_keys_ref(w, scores, method in MOVEMENT, granularity, br, bc)
     thr = sparse_ops.prune_threshold([keys], keys.numel() // 2)
-    kwargs = dict(method=method, granularity=granularity, block_rows=br, block_cols=bc, threshold=thr.value,
+    kwargs = dict(**op_flags(method), granularity=granularity, block_rows=br, block_cols=bc, threshold=thr.value,
                   tie_cut=thr.tie_cut, index_offset=3, score_lr=0.01,
                   sigmoid_l1=0.5 if method == "soft_movement" else 0.0, **ADAM)
     return w, grad, kwargs
@@ -124,7 +123,7 @@ def test_triton_adam_matches_reference(device, method, granularity, dtype):
         torch.testing.assert_close(got[2], want[2], rtol=3e-7, atol=1e-8)  # scores: about an ulp
         assert not torch.equal(got[2], scores) and not torch.equal(got[6], exp_avg_sq)
         # the histogram describes exactly the keys the kernel stored (what the next selection reads)
-        next_keys = prune_keys_ref(got[0], got[2], method, granularity, kwargs["block_rows"], kwargs["block_cols"])
+        next_keys = prune_keys_ref(got[0], got[2], method in MOVEMENT, granularity, kwargs["block_rows"], kwargs["block_cols"])
         state = torch.zeros(2, dtype=torch.int64, device=device)
         assert torch.equal(got[4], radix_histogram_ref([next_keys], state, 0, absolute=False))
         scores, exp_avg, exp_avg_sq = got[2], got[5], got[6]
@@ -216,7 +215,7 @@ def test_op_semantics(device, method, granularity, dtype):
 def test_emitted_histogram_feeds_the_next_selection(device, granularity):
     w, grad, scores, kwargs, _ = make_case("movement", granularity, torch.float32, device, shape=(48, 64))
     W, G, S, M, H = run(torch.ops.sparse_ops.fused_prune_step, w, grad, scores, kwargs)
-    next_keys = prune_keys_ref(W, S, "movement", granularity, kwargs["block_rows"], kwargs["block_cols"])
+    next_keys = prune_keys_ref(W, S, True, granularity, kwargs["block_rows"], kwargs["block_cols"])
     for count in (1, next_keys.numel() // 3, next_keys.numel()):
         fast = sparse_ops.prune_threshold([next_keys], count, first_histogram=H)
         full = sparse_ops.prune_threshold([next_keys], count)
@@ -246,7 +245,7 @@ def test_zero_and_all_but_one_sparsity(device):
     for count in (0, w.numel() - 1):
         thr = sparse_ops.prune_threshold([w.abs()], count)
         mask = torch.empty(w.shape, dtype=torch.bool, device=device)
-        torch.ops.sparse_ops.fused_prune_step(w.clone(), torch.zeros_like(w), None, mask, None, method="magnitude",
+        torch.ops.sparse_ops.fused_prune_step(w.clone(), torch.zeros_like(w), None, mask, None, keys_from_scores=False,
                                               threshold=thr.value, tie_cut=thr.tie_cut)
         assert int(mask.sum()) == w.numel() - count
 
@@ -254,7 +253,7 @@ def test_zero_and_all_but_one_sparsity(device):
 def test_non_contiguous_tensors_are_updated_in_place(device):
     base = torch.randn(3, 40, 24, device=device)
     w, grad, scores = base[0].t(), base[1].t() * 0.1, base[2].t()
-    kwargs = dict(method="movement", threshold=0.0, score_lr=0.1, prior_scale=1e-4)
+    kwargs = dict(keys_from_scores=True, threshold=0.0, score_lr=0.1, prior_scale=1e-4)
     want = run(fused_prune_step_ref, w.contiguous(), grad.contiguous(), scores.contiguous(), kwargs)
     W, G, S = w.clone().t().contiguous().t(), grad.clone().t().contiguous().t(), scores.clone().t().contiguous().t()
     M = torch.zeros(24, 40, dtype=torch.bool, device=device).t().contiguous().t()
@@ -287,23 +286,23 @@ def test_opcheck_and_compile(device):
 def _call(**over):
     args = dict(weight=torch.randn(8, 8), grad=torch.randn(8, 8), scores=None,
                 mask=torch.zeros(8, 8, dtype=torch.bool), histogram=None)
-    kwargs = dict(method="magnitude")
+    kwargs = dict(keys_from_scores=False)
     for key, value in over.items():
         (args if key in args else kwargs)[key] = value
     torch.ops.sparse_ops.fused_prune_step(*args.values(), **kwargs)
 
 
 @pytest.mark.parametrize("over,match", [
-    (dict(method="random"), "method must be one of"),
+    (dict(keys_from_scores="movement"), "type 'bool' for argument 'keys_from_scores'"),  # the schema's check
     (dict(granularity="row"), "granularity must be one of"),
     (dict(grad=torch.randn(8, 7)), "grad must have the shape of weight"),
     (dict(grad=torch.randn(8, 8).double()), "grad must have dtype"),
     (dict(mask=torch.zeros(8, 8)), "mask must have dtype torch.bool"),
     (dict(weight=torch.ones(8, 8, dtype=torch.int32)), "weight must have a floating dtype"),
-    (dict(method="movement"), "scores is required"),
+    (dict(keys_from_scores=True), "scores is required"),
     (dict(score_lr=0.1), "score_lr is non-zero but scores is None"),
     (dict(histogram=torch.zeros(257, dtype=torch.int64)), "histogram is only emitted"),
-    (dict(method="movement", scores=torch.randn(8, 8), histogram=torch.zeros(256, dtype=torch.int64)), "histogram must be int64"),
+    (dict(keys_from_scores=True, scores=torch.randn(8, 8), histogram=torch.zeros(256, dtype=torch.int64)), "histogram must be int64"),
     (dict(granularity="block", block_rows=0, block_cols=4), "block_rows must be a positive int"),
     (dict(granularity="block", block_rows=4, block_cols=-1), "block_cols must be a positive int"),
     (dict(block_rows=4), "must be 1 for granularity='element'"),
@@ -315,5 +314,5 @@ def _call(**over):
     (dict(sigmoid_l1=float("nan")), "sigmoid_l1 must be a finite"),
 ])
 def test_bad_input(over, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         _call(**over)
