@@ -43,7 +43,7 @@ import torch
 
 import sparse_ops
 from sparse_ops.pruning.config import DEFAULT_EXCLUDE, DEFAULT_TARGETS
-from sparse_ops.ops.reference import block_keys_ref, expand_block_mask
+from sparse_ops.ops.keys import block_keys, expand_block_mask
 
 FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format", "dense_ms", "dense_p20_ms",
           "dense_p80_ms", "sparse_ms", "sparse_p20_ms", "sparse_p80_ms", "speedup", "qkv_apart_ms",
@@ -89,7 +89,7 @@ def magnitude_prune(model, sparsity: float, granularity: str, block: int) -> Non
             drop = keys.argsort(stable=True)[: round(sparsity * keys.numel())]
             w.view(-1)[drop] = 0
         else:
-            keys = block_keys_ref(w.float(), block, block, squared=True)
+            keys = block_keys(w.float(), block, block, squared=True)
             drop = keys.flatten().argsort(stable=True)[: round(sparsity * keys.numel())]
             keep = torch.ones(keys.numel(), dtype=torch.bool, device=w.device)
             keep[drop] = False

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from sparse_ops.ops.prior import mgp_constants
-from sparse_ops.ops.reference import KEY_BITS, RADIX_BINS, adam_constants
+from sparse_ops.ops.keys import KEY_BITS, RADIX_BINS, adam_constants
 
 from . import _runtime  # noqa: F401  (first: see its docstring)
 from ._numerics import on_device, round_to

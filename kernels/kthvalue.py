@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_ops.ops.reference import KEY_BITS, RADIX_BINS
+from sparse_ops.ops.keys import KEY_BITS, RADIX_BINS
 
 from . import _runtime  # noqa: F401  (first: see its docstring)
 from ._numerics import on_device

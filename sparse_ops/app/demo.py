@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..ops import cpu_backend
 from ..ops.prior import mgp_threshold
-from ..ops.reference import prune_keys_ref, threshold_keep
+from ..ops.keys import threshold_keep
 from ..ops.select import prune_threshold
 from ..pruning.schedule import CubicSchedule
 from .data import model_dir
@@ -80,7 +80,7 @@ def prune_layer(teacher: torch.nn.Linear, train_x, test_x, method: str, args) ->
     started = time.perf_counter()
     for step in range(args.steps):
         # 1. the threshold for this step, from the keys as they are now
-        keys = prune_keys_ref(weight.detach(), scores, movement, "element", 1, 1)
+        keys = scores if movement else weight.detach().abs()
         count = schedule.prune_count(step, keys.numel())
         if method == "soft_movement":
             value, tie_cut = 0.0, 0  # fixed τ = 0: the sparsity follows the scores

@@ -36,7 +36,7 @@ import importlib
 
 import torch
 
-from . import _checks, reference
+from . import _checks, keys, reference
 from ._extension import SCHEMA_VERSION, has_cpu_kernel, has_cuda_kernel  # noqa: F401  (SCHEMA_VERSION: re-exported)
 from .prior import check_prior_args
 
@@ -143,7 +143,7 @@ def _check_histogram(xs, state, level):
         raise ValueError(f"state must be an int64 tensor of 2 elements, got {state.dtype} {tuple(state.shape)}")
     if state.device != xs[0].device:
         raise ValueError(f"state must be on {xs[0].device} like xs, got {state.device}")
-    levels = reference.KEY_BITS[xs[0].dtype] // reference.RADIX_BITS
+    levels = keys.KEY_BITS[xs[0].dtype] // keys.RADIX_BITS
     if not 0 <= level < levels:
         raise ValueError(f"level must lie in [0, {levels}) for {xs[0].dtype}, got {level}")
 
@@ -151,7 +151,7 @@ def _check_histogram(xs, state, level):
 @torch.library.register_fake(f"{LIB}::radix_histogram")
 def _radix_histogram_fake(xs, state, level, absolute):
     _check_histogram(xs, state, level)
-    return state.new_empty(reference.RADIX_BINS + 1)
+    return state.new_empty(keys.RADIX_BINS + 1)
 
 
 def _radix_histogram_impl(xs, state, level, absolute):

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .prior import check_prior_args
-from .reference import GRANULARITIES, KEY_BITS, RADIX_BINS
+from .keys import GRANULARITIES, KEY_BITS, RADIX_BINS
 
 FLOAT_DTYPES = tuple(KEY_BITS)
 

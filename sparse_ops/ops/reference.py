@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .keys import (GRANULARITIES, KEY_BITS, NAN_BIN, RADIX_BINS, RADIX_BITS, adam_constants,  # noqa: F401
+                   block_keys, expand_block_mask, key_to_value, order_keys, threshold_keep, two_four_keep)
 from .prior import mgp_constants
-
-GRANULARITIES = ("element", "block", "2:4")
-RADIX_BITS = 8
-RADIX_BINS = 1 << RADIX_BITS
-NAN_BIN = RADIX_BINS  # histogram slot counting NaN (level 0 only)
-KEY_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
-_INT_VIEW = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,35 +34,6 @@ def mgp_prior_grad_ref(w: torch.Tensor, lam: float, var0: float, var1: float, sc
 # ---------------------------------------------------------------------------------------------
 def kthvalue_ref(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(x.flatten(), k).values
-
-
-def order_keys(x: torch.Tensor, absolute: bool = False) -> torch.Tensor:
-    """Map floats to int64 keys whose unsigned order is the float order (−0 and +0 map alike).
-
-    For 16/32-bit floats the keys are non-negative; for float64 they are the 64-bit unsigned key
-    reinterpreted as int64 (so compare digits, not signed values).
-    """
-    bits = KEY_BITS[x.dtype]
-    if absolute:
-        x = x.abs()
-    x = torch.where(x == 0, torch.zeros_like(x), x)  # canonical +0
-    u = x.contiguous().view(_INT_VIEW[bits]).to(torch.int64)
-    if bits < 64:
-        u = u & ((1 << bits) - 1)
-        sign = 1 << (bits - 1)
-        return torch.where(u & sign != 0, (~u) & ((1 << bits) - 1), u | sign)
-    sign = torch.tensor(-(1 << 63), dtype=torch.int64)
-    return torch.where(u < 0, ~u, u ^ sign)
-
-
-def key_to_value(key: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of order_keys (signed form) for one key: a 0-dim tensor of `dtype`."""
-    bits = KEY_BITS[dtype]
-    sign = 1 << (bits - 1)
-    raw = key ^ sign if key & sign else (~key) & ((1 << bits) - 1)
-    if raw >= sign:  # back to the signed integer the view expects
-        raw -= 1 << bits
-    return torch.tensor(raw, dtype=_INT_VIEW[bits]).view(dtype)
 
 
 def radix_histogram_ref(xs: list[torch.Tensor], state: torch.Tensor, level: int, absolute: bool) -> torch.Tensor:
@@ -96,63 +62,14 @@ def radix_histogram_ref(xs: list[torch.Tensor], state: torch.Tensor, level: int,
 # ---------------------------------------------------------------------------------------------
 # 3.3/3.4 keys, masks and the fused step
 # ---------------------------------------------------------------------------------------------
-def block_keys_ref(t: torch.Tensor, block_rows: int, block_cols: int, squared: bool) -> torch.Tensor:
-    """One key per (block_rows × block_cols) block of a 2-D tensor (edge blocks are partial).
-
-    squared=True: Σ t² (the squared L2 norm, ordered like the norm); False: Σ t. Summed in float64
-    and rounded once to float32, so every implementation produces the same bits.
-    """
-    rows, cols = t.shape
-    nbr, nbc = -(-rows // block_rows), -(-cols // block_cols)
-    padded = torch.zeros(nbr * block_rows, nbc * block_cols, dtype=torch.float64, device=t.device)
-    padded[:rows, :cols] = t.to(torch.float64)
-    if squared:
-        padded = padded * padded
-    return padded.view(nbr, block_rows, nbc, block_cols).sum(dim=(1, 3)).to(torch.float32)
-
-
-def expand_block_mask(block_mask: torch.Tensor, shape: tuple[int, int], block_rows: int, block_cols: int) -> torch.Tensor:
-    full = block_mask.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
-    return full[: shape[0], : shape[1]]
-
-
-def threshold_keep(keys: torch.Tensor, threshold: float, tie_cut: int, index_offset: int, strict: bool) -> torch.Tensor:
-    """Keep key > threshold; a key equal to it is kept iff its global flat index ≥ tie_cut
-    (never when strict). Global index = index_offset + position in keys.flatten()."""
-    flat = keys.flatten()
-    thr = torch.tensor(threshold, dtype=flat.dtype, device=flat.device)
-    keep = flat > thr
-    if not strict:
-        index = index_offset + torch.arange(flat.numel(), device=flat.device)
-        keep |= (flat == thr) & (index >= tie_cut)
-    return keep.view(keys.shape)
-
-
-def two_four_keep(keys: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest keys of every 4 consecutive along the last dim; among equal keys the
-    lower index is pruned first."""
-    groups = keys.reshape(-1, 4)
-    # rank r = number of group members that sort before this one under (key, index)
-    a, b = groups.unsqueeze(2), groups.unsqueeze(1)
-    idx = torch.arange(4, device=keys.device)
-    before = (b < a) | ((b == a) & (idx.view(1, 1, 4) < idx.view(1, 4, 1)))
-    return (before.sum(dim=2) >= 2).view(keys.shape)
-
-
 def prune_keys_ref(weight: torch.Tensor, scores: torch.Tensor | None, keys_from_scores: bool, granularity: str,
                    block_rows: int, block_cols: int) -> torch.Tensor:
     """The keys a mask is thresholded on: |w|, or the scores when keys_from_scores; per block: Σw² or
-    Σscores (block_keys_ref)."""
+    Σscores (keys.block_keys)."""
     source = scores if keys_from_scores else weight
     if granularity == "block":
-        return block_keys_ref(source, block_rows, block_cols, squared=not keys_from_scores)
+        return block_keys(source, block_rows, block_cols, squared=not keys_from_scores)
     return source if keys_from_scores else source.abs()
-
-
-def adam_constants(score_lr: float, score_step: int, beta1: float, beta2: float) -> tuple[float, float]:
-    """(step_size, sqrt of the second bias correction) of the bias-corrected Adam step number
-    `score_step` (1-based), computed in float64 as torch.optim.Adam computes them."""
-    return score_lr / (1.0 - beta1 ** score_step), (1.0 - beta2 ** score_step) ** 0.5
 
 
 def fused_prune_step_ref(weight, grad, scores, mask, histogram, score_exp_avg=None, score_exp_avg_sq=None, *,

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import _checks
-from .reference import KEY_BITS, NAN_BIN, RADIX_BINS, RADIX_BITS, key_to_value
+from .keys import KEY_BITS, NAN_BIN, RADIX_BINS, RADIX_BITS, key_to_value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from ..ops.reference import GRANULARITIES
+from ..ops.keys import GRANULARITIES
 from . import METHODS
 from .schedule import CubicSchedule
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.reference import expand_block_mask, threshold_keep, two_four_keep
+from ..ops.keys import expand_block_mask, threshold_keep, two_four_keep
 from ..ops.select import Threshold, prune_threshold
 from .base import KEEP_ALL, PruningMethod
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import PruningConfig
 from . import KEEP_ALL, method_for
-from ..ops.reference import block_keys_ref
+from ..ops.keys import block_keys
 from ..ops.select import Threshold, prune_threshold
 
 
@@ -132,7 +132,7 @@ class Pruner:
         """Selection keys of `source` (|w| or scores): per element, or per block (Σ source² when
         squared, else Σ source)."""
         if self.granularity == "block":
-            return block_keys_ref(source, *self.block, squared=squared)
+            return block_keys(source, *self.block, squared=squared)
         return source.abs() if squared else source
 
     def select(self, keys: list[torch.Tensor], count: int, first_histogram=None) -> Threshold:
