@@ -104,11 +104,9 @@ def device_kind(device: str) -> str:
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    from sparse_ops.ops.machine import cpu_name
+    from sparse_ops.ops.machine import device_description
 
-    return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return device_description(device)
 
 
 def versions() -> dict:

@@ -1,8 +1,8 @@
-"""Fail at import (this module checks when imported), and say what and where, when something found first on sys.path hides an installed
-dependency. A folder or module named like a dependency in the current directory does this to
-everything run from there (`python -m ...`, `python -c ...` and a REPL put that directory first), and
-the dependency's own import error would not say so. Only the standard library is used here: this
-runs before torch is imported."""
+"""Fail at import, and say what and where, when something found first on sys.path hides an installed
+dependency (this module checks when it is imported). A folder or module named like a dependency in
+the current directory does this to everything run from there (`python -m ...`, `python -c ...` and a
+REPL put that directory first), and the dependency's own import error would not say so. Only the
+standard library is used here: this runs before torch is imported."""
 
 from __future__ import annotations
 

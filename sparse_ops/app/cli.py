@@ -324,10 +324,9 @@ def _environment(device) -> dict:
 
     import sparse_ops
 
-    from ..ops.machine import cpu_name
+    from ..ops.machine import device_description
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores, " \
-        f"{torch.get_num_threads()} torch threads)"
+    name = device_description(device)
     return {"device": name, "torch": torch.__version__, "sparse_ops": sparse_ops.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 

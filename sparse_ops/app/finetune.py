@@ -38,10 +38,10 @@ from torch import nn
 
 from ..pruning import METHODS as PRUNING_METHODS
 from ..pruning.config import SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
-from . import app_dependency
-from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
 from ..pruning.distillation import distillation_loss, num_outputs
 from ..pruning.pruner import PRUNER_STATE, Pruner, find_targets
+from . import app_dependency
+from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
 
 METHODS = ("dense", *PRUNING_METHODS)  # dense: fine-tuning without pruning
 MGPP_INITIAL_SPARSITY = 0.3  # s_i of the MGPP authors' SST-2 recipe

@@ -44,7 +44,6 @@ from ..pruning.distillation import check_temperature_alpha, distillation_loss, n
 from ..pruning.pruner import PRUNER_STATE, Pruner, distributed_reduce
 
 
-
 class PruningCallback(TrainerCallback):
     """Prunes the model a Trainer trains, as `config` says."""
 

@@ -6,7 +6,7 @@ Dispatch, per op (inputs are checked here first, whatever the backend):
            `<op>_cpu` (same schema, defined below) for the CPU key; else the reference
   Meta  -> the fake (shape/dtype only), so every op traces under torch.compile.
 
-Schemas (see README "Ops" for the full contract):
+Schemas (docs/ops.md has the full contract):
   mgp_prior_grad(Tensor w, float lam, float var0, float var1, float scale=1.) -> Tensor
   radix_histogram(Tensor[] xs, Tensor state, int level, bool absolute) -> Tensor   (int64[257])
   kthvalue(Tensor x, int k) -> Tensor                                              (0-dim)
@@ -46,7 +46,8 @@ _lib = torch.library.Library(LIB, "FRAGMENT")  # noqa: TOR901 - schemas are defi
 _FUSED_SCHEMA = (
     "fused_prune_step(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!)? scores, Tensor(d!) mask, "
     "Tensor(e!)? histogram, Tensor(f!)? score_exp_avg=None, Tensor(g!)? score_exp_avg_sq=None, *, "
-    "bool keys_from_scores=False, bool strict_threshold=False, str granularity='element', int block_rows=1, int block_cols=1, float threshold=0., "
+    "bool keys_from_scores=False, bool strict_threshold=False, str granularity='element', int block_rows=1, "
+    "int block_cols=1, float threshold=0., "
     "int tie_cut=0, int index_offset=0, float prior_scale=0., float lam=0.1, float var0=1e-10, "
     "float var1=0.05, float score_lr=0., float sigmoid_l1=0., int score_step=0, float score_beta1=0.9, "
     "float score_beta2=0.999, float score_eps=1e-8, bool mask_grad=True, bool mask_weight=False, "
