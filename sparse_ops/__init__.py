@@ -12,6 +12,8 @@ from .pruning.distillation import distillation_loss
 from .sparse.export import ExportReport, export, load_exported, save_exported
 from .sparse.linear import SparseLinear
 from .ops.prior import mgp_constants, mgp_threshold
+from .pruning.oneshot import OneshotReport, oneshot
+from .pruning.perplexity import perplexity
 from .pruning.pruner import Pruner
 from .pruning.schedule import CubicSchedule
 from .ops.select import Selection, Threshold, prune_threshold, radix_select
@@ -19,6 +21,6 @@ from .ops.select import Selection, Threshold, prune_threshold, radix_select
 load_extension()
 
 __version__ = "0.1.0"
-__all__ = ["CubicSchedule", "ExportReport", "Pruner", "PruningConfig", "Selection", "SparseLinear", "Threshold",
-           "distillation_loss", "export", "extension_error", "load_exported", "mgp_constants", "mgp_threshold", "prune_threshold",
+__all__ = ["CubicSchedule", "ExportReport", "OneshotReport", "Pruner", "PruningConfig", "Selection", "SparseLinear", "Threshold",
+           "distillation_loss", "export", "extension_error", "load_exported", "mgp_constants", "mgp_threshold", "oneshot", "perplexity", "prune_threshold",
            "radix_select", "save_exported"]

@@ -76,14 +76,35 @@ def threshold_keep(keys: torch.Tensor, threshold: float, tie_cut: int, index_off
 
 
 def two_four_keep(keys: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest keys of every 4 consecutive along the last dim; among equal keys the
-    lower index is pruned first."""
-    groups = keys.reshape(-1, 4)
+    """Keep the 2 largest keys of every 4 consecutive along the last dim (n_m_keep with 2:4)."""
+    return n_m_keep(keys, 2, 4)
+
+
+def n_m_keep(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n largest keys of every m consecutive along the last dim (which m divides); among
+    equal keys the lower index is pruned first."""
+    groups = keys.reshape(-1, m)
     # rank r = number of group members that sort before this one under (key, index)
     a, b = groups.unsqueeze(2), groups.unsqueeze(1)
-    idx = torch.arange(4, device=keys.device)
-    before = (b < a) | ((b == a) & (idx.view(1, 1, 4) < idx.view(1, 4, 1)))
-    return (before.sum(dim=2) >= 2).view(keys.shape)
+    idx = torch.arange(m, device=keys.device)
+    before = (b < a) | ((b == a) & (idx.view(1, 1, m) < idx.view(1, m, 1)))
+    return (before.sum(dim=2) >= m - n).view(keys.shape)
+
+
+def lowest_per_row(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """Prune-mask (True = pruned) of the `count` lowest keys of each row of a 2-D tensor: every key
+    below the row's count-th smallest, plus as many of the keys equal to it as needed, lowest index
+    first. O(n) per row (torch.kthvalue), no sort."""
+    rows, cols = keys.shape
+    if count <= 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    if count >= cols:
+        return torch.ones_like(keys, dtype=torch.bool)
+    kth = keys.kthvalue(count, dim=1, keepdim=True).values
+    below = keys < kth
+    ties = keys == kth
+    need = count - below.sum(dim=1, keepdim=True)
+    return below | (ties & (ties.cumsum(dim=1) <= need))
 
 
 def adam_constants(score_lr: float, score_step: int, beta1: float, beta2: float) -> tuple[float, float]:

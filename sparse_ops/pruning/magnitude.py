@@ -5,13 +5,17 @@ L2 norms (per block) or the 2 smallest of every 4 (2:4), over all targets (globa
 matrix (local). The mask persists between events: gradients of pruned weights are zeroed and the
 weights are re-zeroed after every optimizer step. One fused pass per matrix and step
 (torch.ops.sparse_ops.fused_prune_step); the threshold is exact (radix select).
+
+magnitude_mask is the one-shot form, the baseline of sparse_ops.oneshot.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..ops.keys import lowest_per_row, n_m_keep
 from .base import KEEP_ALL, PruningMethod
+from .schedule import rounded_count
 
 
 class Magnitude(PruningMethod):
@@ -52,3 +56,13 @@ class Magnitude(PruningMethod):
 
     def pruned_count(self, t) -> int:
         return int((t.weight == 0).sum())
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None) -> torch.Tensor:
+    """One-shot magnitude pruning of one matrix: prune-mask (True = pruned) of its round(s·numel)
+    smallest |w| (ties: lowest flat index first), or, with n_m = (N, M), all but the N largest of
+    every M consecutive entries of a row."""
+    keys = weight.detach().abs()
+    if n_m is not None:
+        return ~n_m_keep(keys, *n_m)
+    return lowest_per_row(keys.reshape(1, -1), rounded_count(sparsity, keys.numel())).view(keys.shape)

@@ -42,4 +42,9 @@ class CubicSchedule:
 
     def prune_count(self, step: int, numel: int) -> int:
         """How many of `numel` keys to prune at `step`: round(s(t)·numel), never all of them."""
-        return min(numel - 1, math.floor(self.sparsity(step) * numel + 0.5)) if numel else 0
+        return min(numel - 1, rounded_count(self.sparsity(step), numel)) if numel else 0
+
+
+def rounded_count(fraction: float, numel: int) -> int:
+    """round(fraction·numel), halves rounded up: the one rounding rule for how many to prune."""
+    return math.floor(fraction * numel + 0.5)
