@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from . import formats
+from ..ops import timing
 from ..ops._extension import has_cuda_kernel
 from ..ops.machine import cpu_name
 from .formats import AUTO_FORMATS, FORMATS, LAYER_DTYPES, check_format, check_positive_int, semi_structured_unavailable
@@ -47,27 +47,18 @@ def auto_formats(weight: torch.Tensor) -> tuple[str, ...]:
 
 
 def time_forward(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median wall time (ms) of layer(x) under no_grad: a warm-up call, three timed single calls (the
-    fastest sets the batch size), then `repeats` samples, each averaging enough calls to last about
-    1 ms (at most 100); CUDA is synchronised around every timed region."""
-    def sync():
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-
-    def seconds(calls):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            layer(x)
-        sync()
-        return (time.perf_counter() - start) / calls
+    """Median time (ms) of layer(x) under no_grad, by sparse_ops.ops.timing: a warm-up call, three timed
+    single calls (the fastest sets the batch size), then `repeats` samples, each averaging enough calls
+    to last about 1 ms (at most 100)."""
+    def call():
+        return layer(x)
 
     with torch.no_grad():
-        layer(x)
-        once = min(seconds(1) for _ in range(3))
-        calls = max(1, min(100, int(1e-3 / max(once, 1e-6))))
-        samples = [seconds(calls) for _ in range(repeats)]
-    return statistics.median(samples) * 1e3
+        call()
+        once = min(timing.call_ms(call, x.device) for _ in range(3))
+        calls = max(1, min(100, int(1.0 / max(once, 1e-3))))
+        samples = timing.sample_ms(call, x.device, repeats=repeats, calls=calls)
+    return statistics.median(samples)
 
 
 def measure_formats(weight: torch.Tensor, bias: torch.Tensor | None, candidates=FORMATS, block_size=(32, 32),
