@@ -33,6 +33,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(REPO_ROOT)  # an installed sparse_ops comes first; else the checkout's
+from sparse_ops.ops import timing as sparse_timing  # noqa: E402  (the one timer)
 GPU_NOTE = ("docs/design.md §5 targets are GPU targets: these CPU figures only exercise the CPU path "
             "(C++ kernel or PyTorch reference); run on a CUDA machine for the target figures.")
 ROW_FIELDS = ("bench", "set", "numel", "dtype", "method", "variant", "backend", "time_ms", "p20_ms", "p80_ms",
@@ -185,23 +186,13 @@ class Timing:
 
 
 def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sparse_timing.synchronize(device)
 
 
 def call_ms(fn: Callable[[], object], device: str) -> float:
-    """Wall time of one fn() call in ms (CUDA: events after a synchronize; CPU: time.perf_counter)."""
-    synchronize(device)
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    """Wall time of one fn() call in ms: sparse_ops.ops.timing.call_ms (CUDA: events after a synchronize;
+    CPU: time.perf_counter)."""
+    return sparse_timing.call_ms(fn, device)
 
 
 def summarize(times_ms: list[float]) -> Timing:
@@ -211,15 +202,8 @@ def summarize(times_ms: list[float]) -> Timing:
 
 def time_fn(fn: Callable[[], object], device: str, *, warmup: int, repeats: int,
             setup: Callable[[], object] | None = None) -> Timing:
-    """Median / p20 / p80 wall time of fn() in ms (see the module docstring)."""
-    times = []
-    for i in range(warmup + repeats):
-        if setup is not None:
-            setup()
-        elapsed = call_ms(fn, device)
-        if i >= warmup:
-            times.append(elapsed)
-    return summarize(times)
+    """Median / p20 / p80 wall time of fn() in ms (see the module docstring): sparse_ops.ops.timing.sample_ms."""
+    return summarize(sparse_timing.sample_ms(fn, device, warmup=warmup, repeats=repeats, setup=setup))
 
 
 def time_interleaved(timers: dict[str, Callable[[], float]], *, warmup: int, repeats: int,

@@ -308,9 +308,12 @@ def check_shapes(config, shapes) -> None:
 
 
 def time_models(models: dict, shapes, repeats: int, device) -> list[dict]:
-    """Median / p20 / p80 ms of model(**batch) under inference_mode for each shape; the models take turns
-    within every repeat (same conditions), after two untimed warm-up calls each."""
+    """Median / p20 / p80 ms of model(**batch) under inference_mode for each shape (each call timed by
+    sparse_ops.ops.timing.call_ms); the models take turns within every repeat (same conditions), after
+    two untimed warm-up calls each."""
     import torch
+
+    from ..ops.timing import call_ms
 
     rows = []
     for m in models.values():
@@ -324,13 +327,7 @@ def time_models(models: dict, shapes, repeats: int, device) -> list[dict]:
                     m(**inputs[name])
             for _ in range(repeats):
                 for name, m in models.items():
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    m(**inputs[name])
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    samples[name].append((time.perf_counter() - start) * 1e3)
+                    samples[name].append(call_ms(lambda: m(**inputs[name]), device))
         for name, values in samples.items():
             q = statistics.quantiles(values, n=5) if len(values) > 1 else [values[0]] * 4
             rows.append({"model": name, "batch": batch, "seq": seq, "tokens": batch * seq,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,11 @@ from ..ops import cpu_backend
 from ..ops.prior import mgp_threshold
 from ..ops.keys import threshold_keep
 from ..ops.select import prune_threshold
+from ..pruning import METHODS, method_for
+from ..pruning.mgpp import MGPP
+from ..pruning.movement import Movement
 from ..pruning.schedule import CubicSchedule
+from ..pruning.soft_movement import SoftMovement
 from .data import model_dir
 
 LAYER = "encoder.layer.1.intermediate.dense"
@@ -62,18 +68,39 @@ def real_activations(seed: int) -> tuple[torch.nn.Linear, torch.Tensor, torch.Te
     return model.get_submodule(LAYER), tokens[order[:split]], tokens[order[split:]]
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What the demo's loop and the fused step need of a method, asked of its class in sparse_ops.pruning
+    (the one place method names live): keys from learned scores (movement), a fixed strict threshold
+    τ = 0 with scores starting at 1 (soft movement), TopK read from the fused pass's histogram, the
+    MGPP prior."""
+
+    scores: bool
+    soft: bool
+    histogram: bool
+    prior: bool
+
+    @classmethod
+    def of(cls, method: str) -> Rule:
+        impl = method_for(SimpleNamespace(method=method))
+        scores = issubclass(impl, Movement)
+        return cls(scores=scores, soft=issubclass(impl, SoftMovement),
+                   histogram=scores and impl.selects_from_histograms, prior=issubclass(impl, MGPP))
+
+
 def prune_layer(teacher: torch.nn.Linear, train_x, test_x, method: str, args) -> dict:
     """Fine-tune a copy of `teacher` to match it while pruning it with `method`; return a summary."""
     torch.manual_seed(args.seed)
     weight = teacher.weight.detach().clone().requires_grad_()
     bias = teacher.bias.detach().clone().requires_grad_()
-    movement = method in ("movement", "soft_movement")
-    scores = torch.full_like(weight, 1.0 if method == "soft_movement" else 0.0) if movement else None
+    rule = Rule.of(method)
+    movement = rule.scores
+    scores = torch.full_like(weight, 1.0 if rule.soft else 0.0) if movement else None
     mask = torch.ones_like(weight, dtype=torch.bool)
-    histogram = torch.zeros(257, dtype=torch.int64) if method == "movement" else None
+    histogram = torch.zeros(257, dtype=torch.int64) if rule.histogram else None
     optimizer = torch.optim.AdamW([weight, bias], lr=args.lr, weight_decay=0.0)
     schedule = CubicSchedule(t_i=args.warmup, t_e=args.steps - args.cooldown, s_f=args.sparsity,
-                             s_i=0.5 * args.sparsity if method == "mgpp" else 0.0)
+                             s_i=0.5 * args.sparsity if rule.prior else 0.0)
     with torch.no_grad():
         target_train, target_test = teacher(train_x), teacher(test_x)
     n_train = train_x.shape[0]
@@ -82,15 +109,15 @@ def prune_layer(teacher: torch.nn.Linear, train_x, test_x, method: str, args) ->
         # 1. the threshold for this step, from the keys as they are now
         keys = scores if movement else weight.detach().abs()
         count = schedule.prune_count(step, keys.numel())
-        if method == "soft_movement":
+        if rule.soft:
             value, tie_cut = 0.0, 0  # fixed τ = 0: the sparsity follows the scores
         else:
-            first = histogram if (method == "movement" and step > 0) else None
+            first = histogram if (rule.histogram and step > 0) else None
             thr = prune_threshold([keys], count, first_histogram=first)
             value, tie_cut = thr.value, thr.tie_cut
         # 2. forward with the pruned weight (straight-through for movement), backward
         if movement:
-            forward_mask = threshold_keep(keys, value, tie_cut, 0, strict=method == "soft_movement")
+            forward_mask = threshold_keep(keys, value, tie_cut, 0, strict=rule.soft)
             effective = (weight.detach() * forward_mask).requires_grad_()
         else:
             effective = weight
@@ -107,10 +134,10 @@ def prune_layer(teacher: torch.nn.Linear, train_x, test_x, method: str, args) ->
         prune_now = step >= schedule.t_i and (movement or fixed or (step - schedule.t_i) % args.interval == 0)
         torch.ops.sparse_ops.fused_prune_step(
             weight.data, weight.grad, scores, mask, histogram, keys_from_scores=movement,
-            strict_threshold=method == "soft_movement", threshold=value, tie_cut=tie_cut,
-            prior_scale=1.0 / n_train if method == "mgpp" else 0.0, lam=0.1, var0=1e-9, var1=0.05,
-            score_lr=(args.soft_score_lr if method == "soft_movement" else args.score_lr) if movement else 0.0,
-            sigmoid_l1=args.soft_l1 * schedule.sparsity(step) / args.sparsity if method == "soft_movement" else 0.0,
+            strict_threshold=rule.soft, threshold=value, tie_cut=tie_cut,
+            prior_scale=1.0 / n_train if rule.prior else 0.0, lam=0.1, var0=1e-9, var1=0.05,
+            score_lr=(args.soft_score_lr if rule.soft else args.score_lr) if movement else 0.0,
+            sigmoid_l1=args.soft_l1 * schedule.sparsity(step) / args.sparsity if rule.soft else 0.0,
             mask_grad=movement or fixed, mask_weight=(not movement) and prune_now)
         if not prune_now and not movement:
             mask.fill_(True)  # between pruning events nothing is masked (regrowth allowed)
@@ -141,12 +168,15 @@ def main(argv=None) -> int:
                         help="final λ_mvp of soft movement (L1 on sigmoid(scores)), ramped with the schedule")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="magnitude,mgpp,movement,soft_movement")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"a comma-separated subset of {METHODS}")
     args = parser.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must lie in [0, 1), got {args.sparsity}")
     if args.steps <= args.warmup + args.cooldown:
         parser.error("--steps must exceed --warmup + --cooldown")
+    methods = args.methods.split(",")
+    if any(m not in METHODS for m in methods):
+        parser.error(f"--methods must name methods of {METHODS}, got {args.methods!r}")
     teacher, train_x, test_x = real_activations(args.seed)
     print(f"layer {LAYER} {tuple(teacher.weight.shape)} of all-MiniLM-L6-v2; {train_x.shape[0]} train / "
           f"{test_x.shape[0]} held-out tokens of real hidden states; target sparsity {args.sparsity:.0%}")
@@ -154,8 +184,8 @@ def main(argv=None) -> int:
           f"radix_histogram={cpu_backend('radix_histogram')}; MGPP prior threshold t = "
           f"{mgp_threshold(0.1, 1e-9, 0.05):.3g}")
     print(f"{'method':<14}{'sparsity':>9}{'exact count':>13}{'rel. error':>12}{'ms/step':>9}")
-    for method in args.methods.split(","):
+    for method in methods:
         r = prune_layer(teacher, train_x, test_x, method, args)
-        exact = "yes" if r["exact"] else ("n/a" if method == "soft_movement" else "NO")
+        exact = "yes" if r["exact"] else ("n/a" if Rule.of(method).soft else "NO")
         print(f"{r['method']:<14}{r['sparsity']:>9.1%}{exact:>13}{r['error']:>12.4f}{r['ms_per_step']:>9.1f}")
     return 0

@@ -12,6 +12,9 @@ format is one output feature (or one group of them):
 Indices are int32: half the bytes of int64, and the kernels stream them with the values. Column
 indices are sorted within a row. `check_compressed` validates indices once (at construction and
 load); the ops themselves only check metadata, in O(1).
+
+The names of the SparseLinear formats, and what each needs, live here too, so that the layers
+(sparse_ops.sparse.linear) and the measured choice among them (sparse_ops.sparse.choice) share them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,37 @@ from __future__ import annotations
 import torch
 
 INDEX_DTYPE = torch.int32
+FORMATS = ("bsr", "csr", "2:4", "dense")  # the formats of SparseLinear, one layer class each
+AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; choice.auto_formats adds 2:4 on CUDA
+ROW_COMPRESSED = ("csr", "2:4")  # stored as CSR (2:4 also as torch's semi-structured tensor on CUDA)
+LAYER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what a SparseLinear holds
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_format(format, allowed=FORMATS) -> str:
+    """format itself when it is one of `allowed`; ValueError naming them otherwise."""
+    if format not in allowed:
+        raise ValueError(f"format must be one of {list(allowed)}, got {format!r}")
+    return format
+
+
+def check_positive_int(name: str, value) -> int:
+    """value itself when it is a positive int (not a bool); ValueError naming `name` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def semi_structured_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why torch's semi-structured 2:4 path (cuSPARSELt / CUTLASS) cannot serve a layer on this device
+    and dtype, or None when it can: CUDA, compute capability 8.0 or newer, fp16 or bf16."""
+    if device.type != "cuda":
+        return f"device {device.type} (the semi-structured kernels are CUDA only)"
+    if dtype not in SEMI_STRUCTURED_DTYPES:
+        return f"dtype {dtype} (the semi-structured kernels take float16 or bfloat16)"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return f"compute capability {torch.cuda.get_device_capability(device)} (needs 8.0+)"
+    return None
 
 
 def _crow_from_counts(counts: torch.Tensor) -> torch.Tensor:

@@ -25,14 +25,15 @@ import threading
 
 import torch
 
-from .linear import _ROW_COMPRESSED, SparseLinear, call_fast, tensor_version
+from .linear import SparseLinear, call_fast, tensor_version
 
 _BUFFERS = ("crow_indices", "col_indices", "values", "bias")  # a member's, in _members_state
 
 
 class StackedLinears:
-    """Members: SparseLinear layers with the same in_features, dtype, device and compressed format
-    family (csr/2:4, or bsr with one block size). Each member gets `_stack = (group, index)`."""
+    """Members: SparseLinear layers with the same in_features, dtype, device and compressed layout
+    (`compressed_as`: csr for csr/2:4, or bsr with one block size). Each member joins the group
+    (SparseLinear.join_stack(group, index); its `stack` then names the group)."""
 
     def __init__(self, members):
         members = list(members)
@@ -52,7 +53,7 @@ class StackedLinears:
         self._local = threading.local()
         self._fast, self._state = None, None
         for index, m in enumerate(members):
-            m._stack = (self, index)
+            m.join_stack(self, index)
 
     # pickling / deepcopy: what is derived is rebuilt, the per-thread rounds are not copied
     def __getstate__(self):
@@ -100,15 +101,14 @@ class StackedLinears:
 
     def _build(self):
         # a sibling written to since its last call is validated first, as its own call would be
-        if not all(m._revalidate() is not None for m in self.members):
+        if not all(m.cpu_kernel() is not None for m in self.members):
             return None
         first = self.members[0]
         weight = torch.cat([m.dense_weight() for m in self.members])
         biases = [m.bias for m in self.members]
         bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(m.out_features, dtype=first.dtype) if b is None else b for m, b in zip(self.members, biases)])
-        fmt = "csr" if first.format in _ROW_COMPRESSED else "bsr"
-        return SparseLinear._from_weight(weight, bias, fmt, first.block_size or (32, 32))._fast
+        return SparseLinear.from_weight(weight, bias, first.compressed_as, first.block_size or (32, 32)).cpu_kernel()
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member `index`'s output for x from the stacked product, or None: the member computes alone."""
@@ -143,13 +143,13 @@ def unstackable(members) -> str | None:
     """Why these SparseLinear layers cannot form a StackedLinears group, or None when they can."""
     first = members[0]
     for m in members:
-        if m.format == "dense" or m.activation != "none":
+        if m.compressed_as is None or m.activation != "none":
             return f"each must hold a compressed format and no activation, got {m.format!r} with {m.activation!r}"
         if (m.in_features, m.dtype, m.device) != (first.in_features, first.dtype, first.device):
             return ("they must share in_features, dtype and device, got "
                     f"{[(x.in_features, str(x.dtype), str(x.device)) for x in members]}")
-        if (m.format in _ROW_COMPRESSED) != (first.format in _ROW_COMPRESSED) or m.block_size != first.block_size:
+        if m.compressed_as != first.compressed_as or m.block_size != first.block_size:
             return f"they must share one compressed format, got {[(x.format, x.block_size) for x in members]}"
-        if m._stack is not None:
+        if m.stack is not None:
             return "one of them already belongs to a StackedLinears group"
     return None
