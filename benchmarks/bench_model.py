@@ -35,14 +35,14 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 
 import _common as C
 import _peers
 import torch
 
 import sparse_ops
-from sparse_ops.pruning.config import DEFAULT_EXCLUDE, DEFAULT_TARGETS
+from sparse_ops.pruning.config import DEFAULT_EXCLUDE
+from sparse_ops.pruning.targets import find_targets
 from sparse_ops.ops.keys import block_keys, expand_block_mask
 
 FIELDS = ("bench", "model", "granularity", "sparsity", "batch", "seq", "format", "dense_ms", "dense_p20_ms",
@@ -75,8 +75,8 @@ def load_model(name: str, dtype, device):
 
 
 def targets(model) -> list[tuple[str, torch.nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and any(re.search(p, n) for p in DEFAULT_TARGETS) and not any(re.search(p, n) for p in DEFAULT_EXCLUDE)]
+    """The Pruner's default targets (BERT's encoder linears)."""
+    return find_targets(model, exclude=DEFAULT_EXCLUDE)
 
 
 @torch.no_grad()

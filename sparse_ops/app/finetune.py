@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from ..pruning import METHODS as PRUNING_METHODS
-from ..pruning.config import SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
+from ..pruning.config import DEFAULT_EXCLUDE, SCORE_INITS, SCORE_OPTIMIZERS, PruningConfig
 from ..pruning.distillation import distillation_loss, num_outputs
-from ..pruning.pruner import PRUNER_STATE, Pruner, find_targets
+from ..pruning.pruner import PRUNER_STATE, Pruner
+from ..pruning.targets import find_targets
 from . import app_dependency
 from .data import Batches, DataSplits, load_model, quiet_transformers, to_device
 
@@ -178,9 +179,9 @@ def evaluate(model: nn.Module, batches: Batches, *, batch_size: int = 128, devic
 
 
 def target_sparsity(model: nn.Module) -> dict[str, float]:
-    """Fraction of zeros in each prunable encoder linear's weight (the Pruner's default targets), and
-    'global' over all of them."""
-    targets = find_targets(model, PruningConfig(method="magnitude"))
+    """Fraction of zeros in each weight the Pruner targets by default (the layers of the repeated
+    blocks), and 'global' over all of them."""
+    targets = find_targets(model, exclude=DEFAULT_EXCLUDE)
     zeros = {name: int((m.weight == 0).sum()) for name, m in targets}
     out = {name: zeros[name] / m.weight.numel() for name, m in targets}
     out["global"] = sum(zeros.values()) / sum(m.weight.numel() for _, m in targets)

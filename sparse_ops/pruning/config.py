@@ -16,14 +16,6 @@ from ..ops.keys import GRANULARITIES
 from . import METHODS
 from .schedule import CubicSchedule
 
-BERT_TARGETS = (
-    r"(^|\.)(encoder|layers?)\.\d+\.attention\.self\.(query|key|value)$",
-    r"(^|\.)(encoder|layers?)\.\d+\.attention\.output\.dense$",
-    r"(^|\.)(encoder|layers?)\.\d+\.intermediate\.dense$",
-    r"(^|\.)(encoder|layers?)\.\d+\.output\.dense$",
-)
-LLAMA_TARGETS = (r"(^|\.)layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",)
-DEFAULT_TARGETS = BERT_TARGETS + LLAMA_TARGETS
 SCORE_OPTIMIZERS = ("adam", "sgd")
 SCORE_INITS = ("zeros", "magnitude")
 DEFAULT_EXCLUDE = (r"(^|\.)(embeddings?|embed_tokens|pooler|classifier|lm_head|score|qa_outputs)(\.|$)",)
@@ -40,7 +32,10 @@ class PruningConfig:
     granularity: "element" | "block" | "2:4"; block_size: (rows, cols) for "block".
     scope: "global" (one threshold over all targets) or "local" (one per matrix); None picks the
         published default: local for the movement methods, global for magnitude and MGPP.
-    targets / exclude: regular expressions (re.search) on module names; only nn.Linear weights qualify.
+    targets: None (the default) prunes every nn.Linear and transformers Conv1D inside the model's
+        repeated blocks (sparse_ops.pruning.targets); a tuple of regular expressions (re.search on
+        module names) picks the nn.Linear / Conv1D layers instead. exclude: regular expressions
+        whose matches are left out either way.
     MGPP: lam → lam_final linearly over the ramp, var0, var1, num_train_examples (n of the 1/n scale).
     Movement: score_optimizer "adam" (bias-corrected Adam on the scores with score_betas, score_eps,
     no weight decay, as the reference) or "sgd" (S ← S − score_lr·∂L/∂W'⊙W); score_lr follows the
@@ -62,7 +57,7 @@ class PruningConfig:
     granularity: str = "element"
     block_size: tuple[int, int] = (32, 32)
     scope: str | None = None
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     lam: float = 0.1
     lam_final: float | None = None
@@ -83,7 +78,11 @@ class PruningConfig:
             self.scope = "local" if self.method in ("movement", "soft_movement") else "global"
         self.block_size = tuple(self.block_size)
         self.score_betas = tuple(self.score_betas)
-        self.targets = tuple(self.targets)
+        for name in ("targets", "exclude"):
+            if isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a tuple of regular expressions, got the string "
+                                 f"{getattr(self, name)!r}: write ({getattr(self, name)!r},)")
+        self.targets = None if self.targets is None else tuple(self.targets)
         self.exclude = tuple(self.exclude)
         if self.lam_final is None:
             self.lam_final = self.lam * 1e-3
@@ -131,8 +130,9 @@ class PruningConfig:
             raise ValueError(f"soft_l1 must be None or >= 0, got {self.soft_l1!r}")
         if not 0.0 <= self.soft_min_keep < 1.0:
             raise ValueError(f"soft_min_keep must lie in [0, 1), got {self.soft_min_keep!r}")
-        if not self.targets:
-            raise ValueError("targets must hold at least one pattern")
+        if self.targets is not None and (not self.targets or not all(isinstance(p, str) for p in self.targets)):
+            raise ValueError("targets must be None (the layers of the model's repeated blocks) or hold at least "
+                             f"one regular expression, got {self.targets!r}")
 
     def schedule(self) -> CubicSchedule:
         return CubicSchedule(t_i=self.start_step, t_e=self.end_step, s_f=self.sparsity, s_i=self.initial_sparsity)
@@ -146,7 +146,7 @@ class PruningConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for key in ("block_size", "targets", "exclude", "score_betas"):
-            d[key] = list(d[key])
+            d[key] = None if d[key] is None else list(d[key])
         return d
 
     @classmethod

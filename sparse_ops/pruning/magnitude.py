@@ -40,11 +40,11 @@ class Magnitude(PruningMethod):
         for group in p.groups():
             thr = KEEP_ALL
             if event and p.granularity != "2:4":  # 2:4 needs no threshold: the kernel picks 2 of 4
-                keys = [p.keys(t, t.weight.detach(), squared=True) for t in group]
+                keys = [p.keys(t, t.matrix, squared=True) for t in group]
                 thr = p.select(keys, p.count(group, step))
             for t in group:
                 torch.ops.sparse_ops.fused_prune_step(
-                    t.weight.data, t.weight.grad, None, t.mask, None, keys_from_scores=False, threshold=thr.value,
+                    t.matrix, t.matrix_grad, None, t.mask, None, keys_from_scores=False, threshold=thr.value,
                     tie_cut=thr.tie_cut, mask_grad=enforced, mask_weight=event, reuse_mask=enforced and not event,
                     **self.prior_args(step), **p.kernel_args(t))
 
@@ -52,7 +52,7 @@ class Magnitude(PruningMethod):
         if self.mask_enforced(self.pruner.step):
             with torch.no_grad():
                 for t in self.pruner.targets:
-                    t.weight.masked_fill_(~t.mask, 0.0)
+                    t.matrix.masked_fill_(~t.mask, 0.0)
 
     def pruned_count(self, t) -> int:
         return int((t.weight == 0).sum())

@@ -55,6 +55,14 @@ def _masked_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, _StraightThrough.apply(module.weight, module._sparse_ops_mask), module.bias)
 
 
+def _masked_conv1d_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers Conv1D's own forward (x·W + b by addmm) on the masked weight; its mask attribute
+    is the transposed view (in, out) of the target's mask."""
+    weight = _StraightThrough.apply(module.weight, module._sparse_ops_mask)
+    out = torch.addmm(module.bias, x.view(-1, x.size(-1)), weight)
+    return out.view(x.size()[:-1] + (module.nf,))
+
+
 def keep_top(keys: torch.Tensor, keep: int, index_offset: int) -> Threshold:
     """The rule keeping exactly the `keep` highest of one target's keys (ties: higher index kept)."""
     thr = prune_threshold([keys], keys.numel() - keep)
@@ -71,14 +79,15 @@ class Movement(PruningMethod):
         self.adam = cfg.score_optimizer == "adam"
         self.score_step = 0  # Adam steps taken on the scores
         for t in pruner.targets:
-            t.scores = torch.zeros(t.weight.shape, dtype=torch.float32, device=t.weight.device)
+            t.scores = torch.zeros(t.mask.shape, dtype=torch.float32, device=t.mask.device)
             if cfg.score_init == "magnitude":
-                w = t.weight.detach().float().abs()
+                w = t.matrix.float().abs()
                 t.scores.copy_(w * (self.init_scale() / w.std().clamp_min(1e-30)))
             if self.adam:
                 t.exp_avg, t.exp_avg_sq = torch.zeros_like(t.scores), torch.zeros_like(t.scores)
-            t.module._sparse_ops_mask = t.mask
-            t.module.forward = types.MethodType(_masked_linear_forward, t.module)
+            t.module._sparse_ops_mask = t.mask.t() if t.transposed else t.mask
+            forward = _masked_conv1d_forward if t.transposed else _masked_linear_forward
+            t.module.forward = types.MethodType(forward, t.module)
         # the fused pass emits the level-0 histogram of the updated scores; it stands in for the
         # first radix level of the next selection (element keys of hard movement only)
         uses_histograms = self.selects_from_histograms and pruner.granularity == "element"
@@ -178,7 +187,7 @@ class Movement(PruningMethod):
             for t in group:
                 method, thr = t.rule
                 torch.ops.sparse_ops.fused_prune_step(
-                    t.weight.data, t.weight.grad, t.scores, t.mask,
+                    t.matrix, t.matrix_grad, t.scores, t.mask,
                     self.histograms[g] if self.histograms is not None else None, t.exp_avg, t.exp_avg_sq,
                     keys_from_scores=True, strict_threshold=method == "soft_movement", threshold=thr.value,
                     tie_cut=thr.tie_cut, reuse_mask=not method,

@@ -1,4 +1,4 @@
-"""Pruner: prunes the targeted linears of any PyTorch model with MGPP, magnitude or movement pruning.
+"""Pruner: prunes the targeted layers of any PyTorch model with MGPP, magnitude or movement pruning.
 
 Two calls per optimizer step, in any training loop:
 
@@ -13,6 +13,10 @@ own forward functions, so `save_pretrained` writes a plain checkpoint with zeros
 
 This module keeps what every method shares: the targets and their masks, the groups that share a
 threshold (global or local scope), exact threshold selection, the schedule, logging and state.
+The targets are nn.Linear and transformers Conv1D layers (sparse_ops.pruning.targets). Every
+per-matrix tensor (mask, scores, Adam moments) is in the (out, in) orientation of an nn.Linear weight,
+whatever the layer: a Conv1D, which stores its weight (in, out), is worked on through the transposed
+view `Target.matrix` (the fused pass copies a non-contiguous view and writes the result back).
 What a method does per step lives in its own module, `sparse_ops.pruning.<method>`:
 magnitude.py, mgpp.py, movement.py (hard, with Adam or first-order scores), soft_movement.py.
 """
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Callable
 
 import torch
@@ -29,6 +32,7 @@ from torch import nn
 
 from .config import PruningConfig
 from . import KEEP_ALL, method_for
+from .targets import find_targets, is_transposed, weight_out_in
 from ..ops.keys import block_keys
 from ..ops.select import Threshold, prune_threshold
 
@@ -36,10 +40,10 @@ from ..ops.select import Threshold, prune_threshold
 @dataclasses.dataclass
 class Target:
     """One pruned matrix: its module, mask, place in the global key order, and the method's
-    per-matrix tensors (movement: scores and their Adam moments)."""
+    per-matrix tensors (movement: scores and their Adam moments), all (out, in)."""
 
     name: str
-    module: nn.Linear
+    module: nn.Module  # nn.Linear or transformers Conv1D
     mask: torch.Tensor
     index_offset: int
     num_keys: int
@@ -50,7 +54,23 @@ class Target:
 
     @property
     def weight(self) -> nn.Parameter:
+        """The parameter as the module stores it ((in, out) for a Conv1D)."""
         return self.module.weight
+
+    @property
+    def transposed(self) -> bool:
+        return is_transposed(self.module)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The weight's data as (out, in): the parameter's data, or its transposed view for a Conv1D."""
+        return weight_out_in(self.module)
+
+    @property
+    def matrix_grad(self) -> torch.Tensor | None:
+        """The weight's gradient as (out, in) (a view), or None before backward."""
+        g = self.module.weight.grad
+        return g.t() if g is not None and self.transposed else g
 
 
 def distributed_reduce():
@@ -67,25 +87,11 @@ def distributed_reduce():
     return reduce, (dist.get_rank(), dist.get_world_size())
 
 
-def find_targets(model: nn.Module, config: PruningConfig) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of every nn.Linear whose name matches a target pattern and no exclude pattern."""
-    include = [re.compile(p) for p in config.targets]
-    exclude = [re.compile(p) for p in config.exclude]
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(p.search(name) for p in include)
-             and not any(p.search(name) for p in exclude)]
-    if not found:
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"no nn.Linear of the model matches targets {list(config.targets)} (minus exclude "
-                         f"{list(config.exclude)}); the model's linears include {linears}")
-    return found
-
-
 PRUNER_STATE = "sparse_ops_pruner.pt"  # the file name a checkpoint keeps Pruner.state_dict() under
 
 
 class Pruner:
-    """Prunes the targeted linears of `model` as `config` says (see the module docstring)."""
+    """Prunes the targeted layers of `model` as `config` says (see the module docstring)."""
 
     def __init__(self, model: nn.Module, config: PruningConfig, optimizer: torch.optim.Optimizer | None = None,
                  reduce: Callable[[torch.Tensor], None] | None = None, shard: tuple[int, int] = (0, 1)):
@@ -105,8 +111,8 @@ class Pruner:
         self.last_threshold: float | None = None  # the last selected global threshold, for logging
         self.targets: list[Target] = []
         offset = 0
-        for name, module in find_targets(model, config):
-            w = module.weight
+        for name, module in find_targets(model, config.targets, config.exclude):
+            w = weight_out_in(module)
             if self.granularity == "block" and w.dim() != 2:
                 raise ValueError(f"{name}.weight must be 2-D for block granularity, got {tuple(w.shape)}")
             if self.granularity == "2:4" and w.shape[-1] % 4:
@@ -221,6 +227,6 @@ class Pruner:
         """Bake the masks into the weights and give the modules back their own forward."""
         with torch.no_grad():
             for t in self.targets:
-                t.weight.masked_fill_(~t.mask, 0.0)
+                t.matrix.masked_fill_(~t.mask, 0.0)
         self.method.finalize()
         return self.model

@@ -1,4 +1,4 @@
-"""Which layers of a model are pruned (docs/design.md, "Targets in any transformers model").
+"""Which layers of a model are pruned (docs/design.md §2.8, "Targets: which layers are pruned").
 
 A prunable layer is an nn.Linear (weight (out, in), y = x·Wᵀ + b) or a transformers Conv1D (GPT-2's
 layer: weight stored (in, out), y = x·W + b). By default the targets are the prunable layers inside

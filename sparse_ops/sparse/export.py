@@ -7,7 +7,9 @@
     sparse_ops.load_exported(skeleton, "model.safetensors")
 
 export replaces, in place, the pruned nn.Linear layers of any model (a transformers model included)
-by SparseLinear; the weights are copied exactly (zeros are dropped, nothing is rounded). Where an
+by SparseLinear; the weights are copied exactly (zeros are dropped, nothing is rounded). A
+transformers Conv1D (GPT-2's layer, y = x·W + b with W stored (in, out)) is replaced the same way by
+the SparseLinear of its transposed weight, (out, in), and its bias: the same function of x. Where an
 exported linear feeds an exact GELU in a transformers-style intermediate block (a module whose only
 children are `dense` and `intermediate_act_fn`, as in BERT, RoBERTa and MiniLM), the GELU is fused
 into the sparse op's epilogue (SparseLinear(activation="gelu")) and `intermediate_act_fn` becomes
@@ -42,6 +44,7 @@ from .linear import (
     measure_formats,
 )
 from .stacked import StackedLinears, unstackable
+from ..pruning.targets import Conv1D, in_out_features, weight_out_in
 
 EXPORT_FORMATS = ("auto",) + FORMATS
 KEPT_DENSE = "kept dense"
@@ -56,7 +59,7 @@ _REPORT_KEY = "sparse_ops_report"
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class LayerReport:
-    """One nn.Linear the exporter considered. format is "bsr", "csr", "dense" (exported, dense being the
+    """One nn.Linear or Conv1D the exporter considered (shape: (out, in) either way). format is "bsr", "csr", "dense" (exported, dense being the
     fastest or asked for) or "kept dense" (not pruned / not matched: left an nn.Linear, not timed).
     ms: measured milliseconds per format at the report's token count ("dense" always, when timed)."""
 
@@ -97,7 +100,7 @@ class LayerReport:
 
 @dataclass
 class ExportReport:
-    """What export did: one LayerReport per nn.Linear of the model, plus the timing conditions.
+    """What export did: one LayerReport per nn.Linear / Conv1D of the model, plus the timing conditions.
     str() is an aligned table with totals; to_dict() is JSON-ready."""
 
     layers: list[LayerReport]
@@ -159,8 +162,8 @@ class ExportReport:
 def _check_export_args(model, format, patterns, block_size, tokens, min_sparsity, dtype):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if type(model) is nn.Linear:
-        raise TypeError("model is itself an nn.Linear, which cannot be replaced in place: use "
+    if _exportable(model):
+        raise TypeError(f"model is itself an {type(model).__name__}, which cannot be replaced in place: use "
                         "sparse_ops.SparseLinear.from_dense(model, ...)")
     format_rules = None
     if isinstance(format, dict):
@@ -199,11 +202,30 @@ def _compile(argument: str, pattern) -> re.Pattern:
         raise ValueError(f"{argument}: {pattern!r} is not a valid regex ({exc})") from None
 
 
+def _exportable(module: nn.Module) -> bool:
+    """An nn.Linear or a transformers Conv1D, not a subclass (e.g. MultiheadAttention's out_proj, whose
+    weight its parent reads directly)."""
+    return type(module) is nn.Linear or type(module) is Conv1D
+
+
+def _as_linear(layer: nn.Module) -> nn.Linear:
+    """The layer itself if it is an nn.Linear; for a Conv1D, an nn.Linear computing the same function
+    (its weight transposed to (out, in), a contiguous copy; the same bias tensor)."""
+    if type(layer) is nn.Linear:
+        return layer
+    in_features, out_features = in_out_features(layer)
+    linear = nn.Linear(in_features, out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight_out_in(layer).detach().contiguous(), requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
+    return linear
+
+
 def _sparsity(weight: torch.Tensor) -> float:
     return 1.0 - torch.count_nonzero(weight).item() / weight.numel()
 
 
-def _tied_weights(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> dict[str, str]:
+def _tied_weights(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> dict[str, str]:
     """{linear name: another name of its weight} for the linears whose .weight another module also
     holds (a head tied to the embeddings): replacing such a layer would silently untie them."""
     module_names: dict[int, set[str]] = {}
@@ -282,13 +304,14 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
            min_sparsity: float = 0.5, dtype: torch.dtype | None = None, timer: Timer | None = None,
            cache: FormatCache | None = FORMAT_CACHE, fuse_activations: bool = True,
            stack_qkv: bool = True) -> nn.Module:
-    """Replace, in place, the pruned nn.Linear layers of `model` by SparseLinear and return the model,
-    with its report in `model.sparse_ops_report` (ExportReport).
+    """Replace, in place, the pruned nn.Linear and transformers Conv1D layers of `model` by SparseLinear
+    and return the model, with its report in `model.sparse_ops_report` (ExportReport).
 
-    Which layers: every module of type nn.Linear (not subclasses: e.g. MultiheadAttention's
+    Which layers: every module of type nn.Linear or Conv1D (not subclasses: e.g. MultiheadAttention's
     out_proj, whose weight its parent reads directly) whose weight has a fraction of zeros >=
-    min_sparsity; or, when `patterns` (regexes, re.search on module names) is given, the nn.Linear
-    layers whose name matches one of them, whatever their sparsity. A module shared under several names
+    min_sparsity; or, when `patterns` (regexes, re.search on module names) is given, those layers
+    whose name matches one of them, whatever their sparsity. A Conv1D becomes the SparseLinear of its
+    weight transposed to (out, in), with its bias. A module shared under several names
     is replaced everywhere. A layer whose weight another module also holds (tied, e.g. a language-model
     head sharing the embeddings) is kept dense with a warning. The others are left as they are and
     listed as "kept dense".
@@ -307,19 +330,19 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
     """
     format_rules, patterns, block_size = _check_export_args(model, format, patterns, block_size, tokens,
                                                             min_sparsity, dtype)
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [(name, m) for name, m in model.named_modules() if _exportable(m)]
     if not linears:
-        raise ValueError("model has no nn.Linear layer: a model with nothing to prune cannot be exported")
+        raise ValueError("model has no nn.Linear or Conv1D layer: a model with nothing to prune cannot be exported")
     sparsities = {name: _sparsity(m.weight.detach()) for name, m in linears}
     if patterns is not None:
         selected = [name for name, _ in linears if any(p.search(name) for p in patterns)]
         if not selected:
-            raise ValueError(f"patterns {[p.pattern for p in patterns]} match none of the model's nn.Linear "
-                             f"layers (e.g. {[name for name, _ in linears[:3]]}): a model with nothing to prune")
+            raise ValueError(f"patterns {[p.pattern for p in patterns]} match none of the model's nn.Linear / "
+                             f"Conv1D layers (e.g. {[name for name, _ in linears[:3]]}): a model with nothing to prune")
     else:
         selected = [name for name, _ in linears if sparsities[name] >= min_sparsity]
         if not selected:
-            raise ValueError(f"no nn.Linear of the model has sparsity >= min_sparsity={min_sparsity} (the sparsest has "
+            raise ValueError(f"no nn.Linear or Conv1D of the model has sparsity >= min_sparsity={min_sparsity} (the sparsest has "
                              f"{max(sparsities.values()):.3f}): a model with nothing to prune")
     selected = set(selected)
     tied = {name: other for name, other in _tied_weights(model, linears).items() if name in selected}
@@ -328,7 +351,7 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
                       "would silently untie", stacklevel=2)
     selected -= set(tied)
     if not selected:
-        raise ValueError(f"every selected nn.Linear has a tied weight ({sorted(tied)}): a model with nothing to "
+        raise ValueError(f"every selected layer has a tied weight ({sorted(tied)}): a model with nothing to "
                          "export")
     for flag, value in (("fuse_activations", fuse_activations), ("stack_qkv", stack_qkv)):
         if not isinstance(value, bool):
@@ -338,13 +361,14 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
         model.to(dtype)
         sparsities = {name: _sparsity(m.weight.detach()) for name, m in linears}
     rows, replacements = [], {}
-    for name, linear in linears:
-        out_features, in_features = linear.weight.shape
+    for name, layer in linears:
+        in_features, out_features = in_out_features(layer)
         if name not in selected:
             note = f"tied to {tied[name]}" if name in tied else ""
             rows.append(LayerReport(name, out_features, in_features, sparsities[name], KEPT_DENSE, note=note))
             continue
         fmt = format if format_rules is None else next((f for p, f in format_rules if p.search(name)), "auto")
+        linear = _as_linear(layer)
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
         cached = False
@@ -355,7 +379,7 @@ def export(model: nn.Module, format="auto", *, patterns=None, block_size=(32, 32
             else:
                 ms = measure_formats(weight, bias, tuple(dict.fromkeys(("dense", fmt))), block_size, tokens, timer)
             activation = "gelu" if name in gelus else "none"
-            replacements[id(linear)] = SparseLinear.from_dense(linear, fmt, block_size, activation=activation)
+            replacements[id(layer)] = SparseLinear.from_dense(linear, fmt, block_size, activation=activation)
         except ValueError as exc:  # e.g. format "2:4" for a weight that is not: name the layer
             raise ValueError(f"export of {name} as {fmt!r}: {exc}") from None
         rows.append(LayerReport(name, out_features, in_features, sparsities[name], fmt,
@@ -432,7 +456,7 @@ def read_plan(path: str | os.PathLike) -> dict[str, dict]:
 
 def load_exported(model: nn.Module, path: str | os.PathLike, *, device: torch.device | str | None = None) -> nn.Module:
     """Load a file written by save_exported into `model`, a freshly built dense skeleton of the same
-    architecture (e.g. AutoModel.from_config(config)): each nn.Linear the plan names becomes an empty
+    architecture (e.g. AutoModel.from_config(config)): each nn.Linear or Conv1D the plan names becomes an empty
     SparseLinear of the saved format (in the skeleton's dtype: build the skeleton in the saved dtype
     for a bit-exact load), then every tensor is loaded (strict: missing or unexpected keys raise).
     device: move the model there and load the tensors onto it (None: load where the model is; every
@@ -454,12 +478,12 @@ def load_exported(model: nn.Module, path: str | os.PathLike, *, device: torch.de
         if isinstance(module, SparseLinear):
             dtype, where = module.dtype, module.device
             shape = (module.out_features, module.in_features, module.bias is not None)
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, Conv1D)):
             dtype, where = module.weight.dtype, module.weight.device
-            shape = (module.out_features, module.in_features, module.bias is not None)
+            shape = in_out_features(module)[::-1] + (module.bias is not None,)
         else:
             raise TypeError(f"model.{name} is a {type(module).__name__}; the file holds a SparseLinear there, so "
-                             "model must have an nn.Linear (or SparseLinear) at that name")
+                             "model must have an nn.Linear, a Conv1D (or a SparseLinear) at that name")
         if shape != (spec["out"], spec["in"], spec["bias"]):
             raise ValueError(f"model.{name} has (out, in, bias) = {shape}, the file has "
                              f"{(spec['out'], spec['in'], spec['bias'])}")

@@ -215,7 +215,7 @@ def test_config_round_trips_json_and_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: Pruner(tiny_bert(), make_config("magnitude", targets=(r"nothing_matches",))), "no nn.Linear of the model matches"),
+    (lambda: Pruner(tiny_bert(), make_config("magnitude", targets=(r"nothing_matches",))), "targets: no nn.Linear or Conv1D of the model matches"),
     (lambda: make_config("magnitude", sparsity=1.0), r"s_f must lie in \[0, 1\)"),
     (lambda: make_config("magnitude", sparsity=-0.1), r"s_f must lie in \[0, 1\)"),
     (lambda: make_config("magnitude", start_step=10, end_step=5), "t_e must be > t_i"),

@@ -409,7 +409,7 @@ def test_export_rejects_bad_arguments():
     model = pruned_bert(seed=17, hidden=32, layers=1)
     with pytest.raises(ValueError, match="a model with nothing to prune"):
         export(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)))
-    with pytest.raises(ValueError, match=r"no nn.Linear of the model has sparsity >= min_sparsity=0.95"):
+    with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D of the model has sparsity >= min_sparsity=0.95"):
         export(copy.deepcopy(model), "csr", min_sparsity=0.95)
     with pytest.raises(ValueError, match=re.escape("patterns ['^nothing'] match none")):
         export(copy.deepcopy(model), "csr", patterns=["^nothing"])
@@ -436,3 +436,100 @@ def test_export_rejects_bad_arguments():
         export(nn.Linear(4, 4))
     # nothing was modified by a rejected export
     assert all(type(m) is nn.Linear for m in encoder_linears(model).values())
+
+
+# ----------------------------------------------------------------------------------------------
+# every decoder architecture, GPT-2's Conv1D included (docs/design.md §2.8)
+# ----------------------------------------------------------------------------------------------
+def magnitude_pruned(arch, seed=0):
+    """A tiny random model of `arch` whose default targets (Linear or Conv1D) have the half of their
+    weights smallest in |w| zeroed, per matrix, in the (out, in) orientation."""
+    from _architectures import tiny_model
+
+    from sparse_ops.pruning.targets import find_targets, weight_out_in
+
+    model = tiny_model(arch, seed)
+    with torch.no_grad():
+        for _, layer in find_targets(model):
+            w = weight_out_in(layer)
+            drop = w.abs().flatten().argsort(stable=True)[: w.numel() // 2]
+            keep = torch.ones(w.numel(), dtype=torch.bool)
+            keep[drop] = False
+            w.mul_(keep.view(w.shape))
+    return model
+
+
+def prompt(seed=2, size=2, length=7):
+    return torch.randint(3, 99, (size, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "opt", "gpt2"])
+def test_exported_decoder_matches_the_pruned_model_and_generates_the_same_tokens(arch):
+    from _architectures import expected_targets
+
+    model = magnitude_pruned(arch)
+    x = prompt()
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+    tokens = model.generate(x, max_new_tokens=8, do_sample=False, use_cache=True)
+    exported = export(model, "csr", timer=FakeTimer())
+    assert sorted(row.name for row in exported.sparse_ops_report.exported()) == sorted(expected_targets(arch))
+    assert all(isinstance(exported.get_submodule(n), SparseLinear) for n in expected_targets(arch))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=x).logits, logits, rtol=0, atol=1e-5)
+    assert torch.equal(exported.generate(x, max_new_tokens=8, do_sample=False, use_cache=True), tokens)
+
+
+def test_a_conv1d_becomes_the_sparse_linear_of_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    model = magnitude_pruned("gpt2")
+    conv = model.transformer.h[0].attn.c_attn
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = conv(x)
+    export(model, {"c_attn": "bsr", ".": "csr"}, block_size=(8, 8), timer=FakeTimer())
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, SparseLinear) and (layer.out_features, layer.in_features) == (96, 32)
+    assert torch.equal(layer.to_dense().weight, weight.t()) and torch.equal(layer.bias, bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-6)
+    row = next(r for r in model.sparse_ops_report.layers if r.name == "transformer.h.0.attn.c_attn")
+    assert (row.out_features, row.in_features, row.sparsity, row.format) == (96, 32, 0.5, "bsr")
+    assert not any(type(m) is Conv1D for m in model.transformer.h.modules())
+
+
+def test_compile_fullgraph_of_an_exported_gpt2():
+    exported = export(magnitude_pruned("gpt2"), "csr", timer=FakeTimer())
+    x = prompt(seed=3)
+    with torch.no_grad():
+        eager = exported(input_ids=x, use_cache=False).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(exported, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(input_ids=x, use_cache=False).logits, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_exported_gpt2_saves_and_loads_into_a_fresh_skeleton(tmp_path):
+    from _architectures import tiny_config
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    exported = export(magnitude_pruned("gpt2"), {"mlp": "bsr", ".": "csr"}, block_size=(8, 8), timer=FakeTimer())
+    path = tmp_path / "gpt2.safetensors"
+    save_exported(exported, path)
+    assert read_plan(path)["transformer.h.1.mlp.c_fc"] == {
+        "format": "bsr", "block_size": [8, 8], "in": 32, "out": 128, "bias": True, "activation": "none",
+        "fused": None, "stacked": None}
+    skeleton = GPT2LMHeadModel(tiny_config("gpt2"))
+    assert type(skeleton.transformer.h[1].mlp.c_fc) is Conv1D
+    loaded = load_exported(skeleton, path)
+    x = prompt(seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, exported(input_ids=x).logits)
+    assert torch.equal(loaded.generate(x, max_new_tokens=4, do_sample=False),
+                       exported.generate(x, max_new_tokens=4, do_sample=False))
+    wider = tiny_config("gpt2")
+    wider.n_inner = 96
+    with pytest.raises(ValueError, match=r"model\.transformer\.h\.0\.mlp\.c_fc has \(out, in, bias\) = \(96, 32, True\)"):
+        load_exported(GPT2LMHeadModel(wider), path)
