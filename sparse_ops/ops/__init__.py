@@ -262,10 +262,7 @@ def _check_sparse_linear(fmt, x, crow, col, values, bias, out_features, activati
             raise ValueError(f"values must have shape (nnz_blocks, block_rows, block_cols) for bsr_linear, got "
                              f"{tuple(values.shape)}")
         rows = -(-out_features // values.shape[1])
-    if crow.numel() != rows + 1:
-        raise ValueError(f"crow_indices must have {rows + 1} entries for out_features={out_features}, got {crow.numel()}")
-    if col.numel() != values.shape[0]:
-        raise ValueError(f"col_indices has {col.numel()} entries but values has {values.shape[0]}; they must match")
+    _checks.check_compressed_counts(crow, col, values, rows)
     if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (out_features,)):
         raise ValueError(f"bias must be None or of shape ({out_features},) and dtype {x.dtype}, got "
                          f"{bias.dtype} {tuple(bias.shape)}")

@@ -122,3 +122,16 @@ def _check_adam(scores, exp_avg, exp_avg_sq, step, beta1, beta2, eps) -> None:
             raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0.0:
         raise ValueError(f"score_eps must be a finite number >= 0, got {eps!r}")
+
+
+def check_compressed_counts(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows: int,
+                            context: str = "") -> None:
+    """The counts a compressed (CSR/BSR) triple must agree on: rows + 1 row pointers, and one column
+    index per stored value (or block). O(1); the op checks it on every call, the layers at load
+    (with the O(nnz) structure, sparse_ops/sparse/formats.check_compressed). context prefixes the
+    message (e.g. "encoder.layer.0.output.dense: ")."""
+    if crow.numel() != rows + 1:
+        raise ValueError(f"{context}crow_indices must have {rows + 1} entries for {rows} rows, got {crow.numel()}")
+    nnz = values.shape[0] if values.dim() > 0 else -1
+    if col.numel() != nnz:
+        raise ValueError(f"{context}col_indices has {col.numel()} entries but values has {nnz}; they must match")

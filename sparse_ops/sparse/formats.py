@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._checks import check_compressed_counts
+
 INDEX_DTYPE = torch.int32
 FORMATS = ("bsr", "csr", "2:4", "dense")  # the formats of SparseLinear, one layer class each
 AUTO_FORMATS = ("bsr", "csr", "dense")  # what format="auto" times everywhere; choice.auto_formats adds 2:4 on CUDA
@@ -113,11 +115,8 @@ def check_compressed(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor
         if not isinstance(t, torch.Tensor) or t.dtype != INDEX_DTYPE or t.dim() != 1:
             raise ValueError(f"{name}: {arg} must be a 1-D int32 tensor, got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    if crow.numel() != num_rows + 1:
-        raise ValueError(f"{name}: crow_indices must have {num_rows + 1} entries, got {crow.numel()}")
-    nnz = values.shape[0] if values.dim() > 0 else -1
-    if col.numel() != nnz:
-        raise ValueError(f"{name}: col_indices has {col.numel()} entries but values has {nnz}")
+    check_compressed_counts(crow, col, values, num_rows, context=f"{name}: ")
+    nnz = values.shape[0]
     crow64, col64 = crow.long(), col.long()
     if crow64[0].item() != 0 or crow64[-1].item() != nnz:
         raise ValueError(f"{name}: crow_indices must start at 0 and end at nnz={nnz}, "

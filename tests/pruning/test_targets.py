@@ -7,6 +7,7 @@ stored (in, out)) with the exact counts, in the (out, in) orientation: blocks ar
 import pytest
 import torch
 from _architectures import ARCHITECTURES, expected_targets, tiny_model
+from test_pruner import make_config
 from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
@@ -29,11 +30,8 @@ BLOCK = (8, 16)  # rows × cols of the (out, in) matrix; divides every GPT-2 mat
 
 
 def config(method, **over):
-    kw = dict(method=method, sparsity=0.75, **STEPS, num_train_examples=64, score_lr=1.0, soft_l1=50.0)
-    if method == "mgpp":
-        kw["initial_sparsity"] = 0.3
-    kw.update(over)
-    return PruningConfig(**kw)
+    """test_pruner's configuration, on this file's shorter schedule."""
+    return make_config(method, **{**STEPS, **over})
 
 
 def train(model, pruner, optimizer, steps, seed=0):
